@@ -1,0 +1,278 @@
+"""params.yaml parsed into frozen dataclasses, one per section.
+
+`load_params()` is the only reader of params.yaml. Every section becomes a frozen dataclass whose
+fields carry their own documentation; an unknown key, a missing key or a value out of range fails
+with one sentence that names the dotted key (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(PipelineError, ValueError):
+    """A params.yaml problem a user can fix; the message is one sentence naming the key."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def doc(text: str, **kwargs: Any) -> Any:
+    """A dataclass field with its documentation kept in the metadata."""
+    return field(metadata={"doc": text}, **kwargs)
+
+
+# --------------------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    seed: int = doc("Seed for every random choice in the pipeline.")
+    experiment: str = doc("MLflow experiment that every stage logs its run into.")
+
+    def __post_init__(self) -> None:
+        _check(self.seed >= 0, "seed", "must be a non-negative integer")
+        _check(bool(self.experiment.strip()), "experiment", "must not be empty")
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    clips: str = doc("download output: videos in shard folders plus manifest.parquet.")
+    extract: str = doc("extract output: Parquet shards of frames and mels per split, meta.json.")
+    cache: str = doc("Scratch space for resumable work; never a DVC output.")
+    reports: str = doc("Per-stage reports (summaries, plots) that DVC tracks as metrics/plots.")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            _check(bool(value) and not Path(value).is_absolute(), f.name,
+                   "must be a relative path inside the repository")
+            _check(".." not in Path(value).parts, f.name, "must not leave the repository")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    num_classes: int = doc("Number of audio-visual classes, at most 8.")
+    train_per_class: int = doc("Training clips per class.")
+    test_per_class: int = doc("Test clips per class.")
+    width: int = doc("Video width in pixels.")
+    height: int = doc("Video height in pixels.")
+    fps: int = doc("Video frame rate.")
+    sample_rate: int = doc("Audio sample rate of the written AAC track.")
+    duration_s: float = doc("Clip length in seconds (VGGSound clips are 10 s).")
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.num_classes <= 8, "num_classes", "must be between 1 and 8")
+        _check(self.train_per_class >= 1, "train_per_class", "must be at least 1")
+        _check(self.test_per_class >= 1, "test_per_class", "must be at least 1")
+        _check(32 <= self.width <= 1920 and self.width % 2 == 0, "width",
+               "must be an even number between 32 and 1920")
+        _check(32 <= self.height <= 1080 and self.height % 2 == 0, "height",
+               "must be an even number between 32 and 1080")
+        _check(1 <= self.fps <= 60, "fps", "must be between 1 and 60")
+        _check(8000 <= self.sample_rate <= 48000, "sample_rate", "must be between 8000 and 48000")
+        _check(1.0 <= self.duration_s <= 30.0, "duration_s", "must be between 1 and 30 seconds")
+
+
+@dataclass(frozen=True)
+class VGGSoundConfig:
+    csv: str = doc(
+        "List file: vggsound.csv (id,start,label,split) or train.csv/test.csv (<id>_<start>.mp4,label)."
+    )
+    split: str = doc("Split assigned to rows of a train.csv/test.csv list (they carry none).")
+    url_template: str = doc("Video URL; {id} is replaced by the validated YouTube id.")
+    format: str = doc("yt-dlp format selector: a small MP4 of at least 256 px.")
+    workers: int = doc("Concurrent downloads.")
+    sleep_requests: float = doc("Seconds yt-dlp sleeps between extraction requests.")
+    sleep_interval: float = doc("Seconds yt-dlp sleeps before each download.")
+    max_sleep_interval: float = doc("Upper bound of the random sleep before each download.")
+    socket_timeout: float = doc("Seconds before a stalled connection counts as a timeout.")
+    retries: int = doc("Attempts per clip for transient errors (timeouts, dropped connections).")
+    backoff_s: float = doc("First back-off pause after a rate limit or bot check; doubles each time.")
+    max_backoff_s: float = doc("Longest back-off pause.")
+    cookiefile: str = doc("Optional Netscape cookie file for yt-dlp; never logged.")
+
+    def __post_init__(self) -> None:
+        _check("{id}" in self.url_template, "url_template", "must contain {id}")
+        _check(self.split in ("train", "test"), "split", "must be 'train' or 'test'")
+        _check(1 <= self.workers <= 64, "workers", "must be between 1 and 64")
+        for name in ("sleep_requests", "sleep_interval", "max_sleep_interval"):
+            _check(getattr(self, name) >= 0, name, "must not be negative")
+        _check(self.max_sleep_interval >= self.sleep_interval, "max_sleep_interval",
+               "must be at least sleep_interval")
+        _check(self.socket_timeout > 0, "socket_timeout", "must be positive")
+        _check(1 <= self.retries <= 20, "retries", "must be between 1 and 20")
+        _check(0 < self.backoff_s <= self.max_backoff_s, "backoff_s",
+               "must be positive and at most max_backoff_s")
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    videos_dir: str = doc("Folder of the user's own videos.")
+    labels_csv: str = doc("CSV with header 'file,label[,split]'; file is relative to videos_dir.")
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    source: Literal["synthetic", "vggsound", "local"] = doc("Where the clips come from.")
+    limit: int = doc("Take at most this many clips (0: all).")
+    splits: tuple[str, ...] = doc("Splits to keep.")
+    classes: tuple[str, ...] = doc("Labels to keep (empty: all).")
+    retry_failed: bool = doc("Retry clips a previous run recorded as failed.")
+    synthetic: SyntheticConfig = doc("Settings of the procedural dataset.")
+    vggsound: VGGSoundConfig = doc("Settings of the YouTube download.")
+    local: LocalConfig = doc("Settings of a folder of the user's own videos.")
+
+    def __post_init__(self) -> None:
+        _check(self.limit >= 0, "limit", "must be 0 (all) or positive")
+        _check(bool(self.splits) and set(self.splits) <= {"train", "test"}, "splits",
+               "must be a non-empty list of 'train' and 'test'")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    num_frames: int = doc("Frames sampled uniformly over each clip (10 in the paper).")
+    image_size: int = doc("Frames are resized on the short side and centre-cropped to this.")
+    jpeg_quality: int = doc("JPEG quality of the stored frames.")
+    sample_rate: int = doc("Audio rate of the mel transform (SpecVQGAN: 22050).")
+    clip_seconds: float = doc("Audio length the mel covers (10 s).")
+    n_fft: int = doc("STFT size (SpecVQGAN: 1024).")
+    hop_length: int = doc("STFT hop (SpecVQGAN: 256).")
+    n_mels: int = doc("Mel bands (SpecVQGAN: 80).")
+    fmin: float = doc("Lowest mel frequency in Hz (SpecVQGAN: 125).")
+    fmax: float = doc("Highest mel frequency in Hz (SpecVQGAN: 7600).")
+    mel_frames: int = doc("Mel frames kept after the centre crop (SpecVQGAN VGGSound: 848).")
+    rows_per_shard: int = doc("Clips per Parquet shard.")
+    workers: int = doc("Parallel clip workers (0: one per core).")
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.num_frames <= 64, "num_frames", "must be between 1 and 64")
+        _check(16 <= self.image_size <= 1024, "image_size", "must be between 16 and 1024")
+        _check(1 <= self.jpeg_quality <= 100, "jpeg_quality", "must be between 1 and 100")
+        _check(8000 <= self.sample_rate <= 48000, "sample_rate", "must be between 8000 and 48000")
+        _check(1.0 <= self.clip_seconds <= 30.0, "clip_seconds", "must be between 1 and 30")
+        _check(self.n_fft >= 64 and self.n_fft & (self.n_fft - 1) == 0, "n_fft",
+               "must be a power of two of at least 64")
+        _check(0 < self.hop_length <= self.n_fft, "hop_length", "must be between 1 and n_fft")
+        _check(1 <= self.n_mels <= 256, "n_mels", "must be between 1 and 256")
+        _check(0 <= self.fmin < self.fmax <= self.sample_rate / 2, "fmax",
+               "must be above fmin and at most half the sample rate")
+        full = 1 + int(self.sample_rate * self.clip_seconds) // self.hop_length
+        _check(1 <= self.mel_frames <= full, "mel_frames",
+               f"must be between 1 and the {full} STFT frames of the clip")
+        _check(1 <= self.rows_per_shard <= 100_000, "rows_per_shard",
+               "must be between 1 and 100000")
+        _check(self.workers >= 0, "workers", "must be 0 (one per core) or positive")
+
+
+@dataclass(frozen=True)
+class Params:
+    base: BaseConfig
+    paths: PathsConfig
+    download: DownloadConfig
+    extract: ExtractConfig
+
+
+# ------------------------------------------------------------------------------------------ loader
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _build(cls: type, data: Any, key: str) -> Any:
+    """Build dataclass `cls` from `data`, checking keys and types; `key` is the dotted path."""
+    where = key or "params.yaml"
+    _check(isinstance(data, dict), where, "must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{_join(key, unknown[0])}: is not a known key (known: {', '.join(names)})")
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise ConfigError(f"{_join(key, missing[0])}: is missing")
+    values = {n: _coerce(hints[n], data[n], _join(key, n)) for n in names}
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        raise ConfigError(f"{key}.{err}" if key else str(err)) from None
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        _check(value in choices, key, f"must be one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
+        if value is None:
+            value = []
+        _check(isinstance(value, list), key, "must be a list")
+        return tuple(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        _check(value is None or isinstance(value, typing.get_args(tp)), key,
+               f"must be {' or '.join(a.__name__ for a in typing.get_args(tp))}")
+        return value
+    if tp is bool:
+        _check(isinstance(value, bool), key, "must be true or false")
+    elif tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, "must be an integer")
+    elif tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+               "must be a number")
+        value = float(value)
+    elif tp is str:
+        if value is None:
+            value = ""
+        _check(isinstance(value, str), key, "must be a string")
+    return value
+
+
+def parse_params(data: Any) -> Params:
+    """Validate a params mapping (as read from YAML) and return the frozen `Params`."""
+    return _build(Params, data, "")
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; a syntax error or bad key raises `ConfigError`."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+    return parse_params(data)
+
+
+def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """`base` with the keys of `overlay` replaced, recursively (a profile applied to params)."""
+    out = dict(base)
+    for name, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(name), dict):
+            out[name] = merge(out[name], value)
+        else:
+            out[name] = value
+    return out
+
+
+def as_dict(section: Any) -> dict[str, Any]:
+    """A config section as a plain nested dict (for logging params)."""
+    return dataclasses.asdict(section)

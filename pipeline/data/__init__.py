@@ -1,0 +1,1 @@
+"""Data stages: download (yt-dlp, synthetic, local) and extract (ffmpeg frames + log-mel)."""

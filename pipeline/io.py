@@ -1,0 +1,100 @@
+"""Files that other stages trust: atomic writes, sharded clip paths, Parquet tables, hashes.
+
+A stage never leaves a half-written file under its final name: everything is written to a
+temporary sibling and renamed into place (rename is atomic on POSIX within one filesystem).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# Parquet settings fixed so that the same rows give the same bytes on every run.
+PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 3, "write_statistics": True}
+
+TMP_PREFIX = ".tmp-"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write `obj` as indented, key-sorted JSON (stable bytes for DVC)."""
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_table(path: str | Path, table: pa.Table) -> None:
+    """Write a Parquet file atomically with the fixed, reproducible settings."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, **PARQUET_OPTIONS)
+
+
+def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(path, columns=columns)
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete temporaries an interrupted run left below `folder`; returns how many."""
+    count = 0
+    for tmp in Path(folder).rglob(f"{TMP_PREFIX}*"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            count += 1
+    return count
+
+
+def shard_of(clip_id: str, width: int = 2) -> str:
+    """A stable shard folder name for a clip: the first hex digits of its sha1.
+
+    256 folders keep each under ~1000 files at VGGSound's 200k clips.
+    """
+    return hashlib.sha1(clip_id.encode()).hexdigest()[:width]
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def inside(root: str | Path, path: str | Path) -> Path:
+    """`path` resolved, after checking it stays inside `root` (guards untrusted names)."""
+    root = Path(root).resolve()
+    resolved = (root / path).resolve()
+    if resolved != root and root not in resolved.parents:
+        raise ValueError(f"{path!s} would leave {root}")
+    return resolved

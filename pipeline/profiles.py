@@ -1,0 +1,47 @@
+"""Profiles: YAML overlays on params.yaml (profiles/tiny.yaml for tests, later the paper's).
+
+Applying a profile rewrites params.yaml in place with ruamel.yaml (already a DVC dependency),
+which keeps the file's comments, and validates the result before writing it.
+"""
+
+from __future__ import annotations
+
+import io as _io
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ruamel.yaml import YAML
+
+from pipeline import io
+from pipeline.config import ConfigError, merge, parse_params
+
+
+def _overlay(target: Any, overlay: dict[str, Any], key: str = "") -> None:
+    for name, value in overlay.items():
+        where = f"{key}.{name}" if key else name
+        if name not in target:
+            raise ConfigError(f"{where}: the profile sets a key params.yaml does not have")
+        if isinstance(value, dict):
+            _overlay(target[name], value, where)
+        else:
+            target[name] = value
+
+
+def apply_profile(profile: str | Path, params_path: str | Path = "params.yaml") -> None:
+    """Write the keys of `profile` into `params_path`, keeping its comments."""
+    params_path, profile = Path(params_path), Path(profile)
+    if not profile.is_file():
+        raise ConfigError(f"{profile}: profile file not found")
+    overlay = yaml.safe_load(profile.read_text()) or {}
+    if not isinstance(overlay, dict):
+        raise ConfigError(f"{profile}: a profile must be a mapping of params sections")
+    parse_params(merge(yaml.safe_load(params_path.read_text()), overlay))
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.width = 4096
+    doc = rt.load(params_path.read_text())
+    _overlay(doc, overlay)
+    buf = _io.StringIO()
+    rt.dump(doc, buf)
+    io.write_bytes(params_path, buf.getvalue().encode())
