@@ -1,7 +1,7 @@
 """The `visual-echoes` command.
 
-    visual-echoes profile profiles/tiny.yaml    apply a params profile (keeps comments)
-    visual-echoes check                         say which ffmpeg is used and validate params.yaml
+visual-echoes profile profiles/tiny.yaml    apply a params profile (keeps comments)
+visual-echoes check                         say which ffmpeg is used and validate params.yaml
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ def _check(args: argparse.Namespace) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="visual-echoes", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="visual-echoes",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("profile", help="apply a params profile to params.yaml")
     p.add_argument("profile", help="overlay YAML, e.g. profiles/tiny.yaml")

@@ -58,8 +58,11 @@ class PathsConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            _check(bool(value) and not Path(value).is_absolute(), f.name,
-                   "must be a relative path inside the repository")
+            _check(
+                bool(value) and not Path(value).is_absolute(),
+                f.name,
+                "must be a relative path inside the repository",
+            )
             _check(".." not in Path(value).parts, f.name, "must not leave the repository")
 
 
@@ -78,10 +81,16 @@ class SyntheticConfig:
         _check(1 <= self.num_classes <= 8, "num_classes", "must be between 1 and 8")
         _check(self.train_per_class >= 1, "train_per_class", "must be at least 1")
         _check(self.test_per_class >= 1, "test_per_class", "must be at least 1")
-        _check(32 <= self.width <= 1920 and self.width % 2 == 0, "width",
-               "must be an even number between 32 and 1920")
-        _check(32 <= self.height <= 1080 and self.height % 2 == 0, "height",
-               "must be an even number between 32 and 1080")
+        _check(
+            32 <= self.width <= 1920 and self.width % 2 == 0,
+            "width",
+            "must be an even number between 32 and 1920",
+        )
+        _check(
+            32 <= self.height <= 1080 and self.height % 2 == 0,
+            "height",
+            "must be an even number between 32 and 1080",
+        )
         _check(1 <= self.fps <= 60, "fps", "must be between 1 and 60")
         _check(8000 <= self.sample_rate <= 48000, "sample_rate", "must be between 8000 and 48000")
         _check(1.0 <= self.duration_s <= 30.0, "duration_s", "must be between 1 and 30 seconds")
@@ -101,7 +110,9 @@ class VGGSoundConfig:
     max_sleep_interval: float = doc("Upper bound of the random sleep before each download.")
     socket_timeout: float = doc("Seconds before a stalled connection counts as a timeout.")
     retries: int = doc("Attempts per clip for transient errors (timeouts, dropped connections).")
-    backoff_s: float = doc("First back-off pause after a rate limit or bot check; doubles each time.")
+    backoff_s: float = doc(
+        "First back-off pause after a rate limit or bot check; doubles each time."
+    )
     max_backoff_s: float = doc("Longest back-off pause.")
     cookiefile: str = doc("Optional Netscape cookie file for yt-dlp; never logged.")
 
@@ -111,12 +122,18 @@ class VGGSoundConfig:
         _check(1 <= self.workers <= 64, "workers", "must be between 1 and 64")
         for name in ("sleep_requests", "sleep_interval", "max_sleep_interval"):
             _check(getattr(self, name) >= 0, name, "must not be negative")
-        _check(self.max_sleep_interval >= self.sleep_interval, "max_sleep_interval",
-               "must be at least sleep_interval")
+        _check(
+            self.max_sleep_interval >= self.sleep_interval,
+            "max_sleep_interval",
+            "must be at least sleep_interval",
+        )
         _check(self.socket_timeout > 0, "socket_timeout", "must be positive")
         _check(1 <= self.retries <= 20, "retries", "must be between 1 and 20")
-        _check(0 < self.backoff_s <= self.max_backoff_s, "backoff_s",
-               "must be positive and at most max_backoff_s")
+        _check(
+            0 < self.backoff_s <= self.max_backoff_s,
+            "backoff_s",
+            "must be positive and at most max_backoff_s",
+        )
 
 
 @dataclass(frozen=True)
@@ -138,8 +155,11 @@ class DownloadConfig:
 
     def __post_init__(self) -> None:
         _check(self.limit >= 0, "limit", "must be 0 (all) or positive")
-        _check(bool(self.splits) and set(self.splits) <= {"train", "test"}, "splits",
-               "must be a non-empty list of 'train' and 'test'")
+        _check(
+            bool(self.splits) and set(self.splits) <= {"train", "test"},
+            "splits",
+            "must be a non-empty list of 'train' and 'test'",
+        )
 
 
 @dataclass(frozen=True)
@@ -164,17 +184,27 @@ class ExtractConfig:
         _check(1 <= self.jpeg_quality <= 100, "jpeg_quality", "must be between 1 and 100")
         _check(8000 <= self.sample_rate <= 48000, "sample_rate", "must be between 8000 and 48000")
         _check(1.0 <= self.clip_seconds <= 30.0, "clip_seconds", "must be between 1 and 30")
-        _check(self.n_fft >= 64 and self.n_fft & (self.n_fft - 1) == 0, "n_fft",
-               "must be a power of two of at least 64")
+        _check(
+            self.n_fft >= 64 and self.n_fft & (self.n_fft - 1) == 0,
+            "n_fft",
+            "must be a power of two of at least 64",
+        )
         _check(0 < self.hop_length <= self.n_fft, "hop_length", "must be between 1 and n_fft")
         _check(1 <= self.n_mels <= 256, "n_mels", "must be between 1 and 256")
-        _check(0 <= self.fmin < self.fmax <= self.sample_rate / 2, "fmax",
-               "must be above fmin and at most half the sample rate")
+        _check(
+            0 <= self.fmin < self.fmax <= self.sample_rate / 2,
+            "fmax",
+            "must be above fmin and at most half the sample rate",
+        )
         full = 1 + int(self.sample_rate * self.clip_seconds) // self.hop_length
-        _check(1 <= self.mel_frames <= full, "mel_frames",
-               f"must be between 1 and the {full} STFT frames of the clip")
-        _check(1 <= self.rows_per_shard <= 100_000, "rows_per_shard",
-               "must be between 1 and 100000")
+        _check(
+            1 <= self.mel_frames <= full,
+            "mel_frames",
+            f"must be between 1 and the {full} STFT frames of the clip",
+        )
+        _check(
+            1 <= self.rows_per_shard <= 100_000, "rows_per_shard", "must be between 1 and 100000"
+        )
         _check(self.workers >= 0, "workers", "must be 0 (one per core) or positive")
 
 
@@ -201,7 +231,9 @@ def _build(cls: type, data: Any, key: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"{_join(key, unknown[0])}: is not a known key (known: {', '.join(names)})")
+        raise ConfigError(
+            f"{_join(key, unknown[0])}: is not a known key (known: {', '.join(names)})"
+        )
     missing = [n for n in names if n not in data]
     if missing:
         raise ConfigError(f"{_join(key, missing[0])}: is missing")
@@ -227,16 +259,20 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         _check(isinstance(value, list), key, "must be a list")
         return tuple(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
-        _check(value is None or isinstance(value, typing.get_args(tp)), key,
-               f"must be {' or '.join(a.__name__ for a in typing.get_args(tp))}")
+        _check(
+            value is None or isinstance(value, typing.get_args(tp)),
+            key,
+            f"must be {' or '.join(a.__name__ for a in typing.get_args(tp))}",
+        )
         return value
     if tp is bool:
         _check(isinstance(value, bool), key, "must be true or false")
     elif tp is int:
         _check(isinstance(value, int) and not isinstance(value, bool), key, "must be an integer")
     elif tp is float:
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
-               "must be a number")
+        _check(
+            isinstance(value, (int, float)) and not isinstance(value, bool), key, "must be a number"
+        )
         value = float(value)
     elif tp is str:
         if value is None:

@@ -64,15 +64,29 @@ def probe(path: str | Path, timeout_s: float = 30.0) -> Probe:
     # "-i" then an absolute path: a file name starting with "-" can never read as an option.
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path.resolve())]
     try:
-        err = subprocess.run(cmd, capture_output=True, timeout=timeout_s).stderr.decode("utf-8", "replace")
+        err = subprocess.run(cmd, capture_output=True, timeout=timeout_s).stderr.decode(
+            "utf-8", "replace"
+        )
     except subprocess.TimeoutExpired:
         raise MediaError(f"{path} took over {timeout_s:.0f} s to open") from None
-    streams = [line for line in err.splitlines() if "Stream #" in line]
-    if not streams:
+    info = parse_probe(err)
+    if info is None:
         last = err.strip().splitlines()[-1] if err.strip() else "no streams"
         raise MediaError(f"{path.name} is not a readable media file ({last})")
+    return info
+
+
+def parse_probe(text: str) -> Probe | None:
+    """The input header that ffmpeg prints (at log level info) as a `Probe`; None if no streams.
+
+    Only the text before the output section counts, since outputs list streams too.
+    """
+    head = re.split(r"^(?:Stream mapping:|Output #)", text, maxsplit=1, flags=re.M)[0]
+    streams = [line for line in head.splitlines() if "Stream #" in line]
+    if not streams:
+        return None
     duration = None
-    if m := _DURATION.search(err):
+    if m := _DURATION.search(head):
         duration = int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
     video = next((s for s in streams if ": Video: " in s and "attached pic" not in s), None)
     audio = next((s for s in streams if ": Audio: " in s), None)

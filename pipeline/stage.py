@@ -18,7 +18,8 @@ def stage_main(name: str, body: Callable[[], str]) -> int:
     A `PipelineError` exits with status 1 and no traceback; other exceptions propagate.
     """
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     try:

@@ -15,7 +15,10 @@ def main() -> str:
     report = Path(params.paths.reports) / "extract"
     with tracking.stage_run("extract", params.base.experiment, as_dict(cfg), report) as run:
         summary = run_extract(
-            cfg, Path(params.paths.clips), out, Path(params.paths.cache),
+            cfg,
+            Path(params.paths.clips),
+            out,
+            Path(params.paths.cache),
             preview_path=report / "preview.png",
         )
         run.log_metrics(summary.metrics())

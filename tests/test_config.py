@@ -33,17 +33,29 @@ def test_params_yaml_loads_with_the_paper_mel_defaults():
     ("edit", "message"),
     [
         (lambda d: d["extract"].update(colour=1), r"^extract\.colour: is not a known key"),
-        (lambda d: d["download"]["vggsound"].pop("workers"), r"^download\.vggsound\.workers: is missing"),
+        (
+            lambda d: d["download"]["vggsound"].pop("workers"),
+            r"^download\.vggsound\.workers: is missing",
+        ),
         (lambda d: d["extract"].update(jpeg_quality=0), r"^extract\.jpeg_quality: must be between"),
         (lambda d: d["download"].update(source="youtube"), r"^download\.source: must be one of"),
         (lambda d: d["download"].update(splits=["val"]), r"^download\.splits: must be"),
-        (lambda d: d["extract"].update(image_size="big"), r"^extract\.image_size: must be an integer"),
-        (lambda d: d["download"]["vggsound"].update(url_template="http://x/"), r"url_template: must contain"),
+        (
+            lambda d: d["extract"].update(image_size="big"),
+            r"^extract\.image_size: must be an integer",
+        ),
+        (
+            lambda d: d["download"]["vggsound"].update(url_template="http://x/"),
+            r"url_template: must contain",
+        ),
         (lambda d: d["paths"].update(clips="/abs"), r"^paths\.clips: must be a relative path"),
         (lambda d: d["paths"].update(clips="../out"), r"^paths\.clips: must not leave"),
         (lambda d: d.update(train={}), r"^train: is not a known key"),
         (lambda d: d.pop("base"), r"^base: is missing"),
-        (lambda d: d["extract"].update(mel_frames=900), r"^extract\.mel_frames: must be between 1 and the 862"),
+        (
+            lambda d: d["extract"].update(mel_frames=900),
+            r"^extract\.mel_frames: must be between 1 and the 862",
+        ),
     ],
 )
 def test_bad_params_fail_with_one_sentence_naming_the_key(raw, edit, message):
@@ -77,7 +89,10 @@ def test_profiles_apply_and_keep_comments(tmp_path):
 
 
 def test_merge_is_recursive():
-    assert merge({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"c": 9}}) == {"a": {"b": 1, "c": 9}, "d": 3}
+    assert merge({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"c": 9}}) == {
+        "a": {"b": 1, "c": 9},
+        "d": 3,
+    }
 
 
 # ------------------------------------------------------------------------------------ dvc.yaml
@@ -100,7 +115,10 @@ def _pipeline_imports(path: Path, seen: set[Path]) -> set[Path]:
             if not name.startswith("pipeline"):
                 continue
             parts = name.split(".")
-            for candidate in (ROOT.joinpath(*parts).with_suffix(".py"), ROOT.joinpath(*parts, "__init__.py")):
+            for candidate in (
+                ROOT.joinpath(*parts).with_suffix(".py"),
+                ROOT.joinpath(*parts, "__init__.py"),
+            ):
                 if candidate.is_file() and candidate not in seen:
                     seen.add(candidate)
                     _pipeline_imports(candidate, seen)

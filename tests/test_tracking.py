@@ -18,13 +18,20 @@ def test_default_uri_is_sqlite_at_the_repo_root(tmp_path, monkeypatch):
 
 
 def test_flatten_drops_secrets_and_keeps_lists():
-    flat = tracking.flatten({"vggsound": {"cookiefile": "/home/me/cookies.txt", "workers": 4},
-                             "splits": ["train", "test"]})
+    flat = tracking.flatten(
+        {
+            "vggsound": {"cookiefile": "/home/me/cookies.txt", "workers": 4},
+            "splits": ["train", "test"],
+        }
+    )
     assert flat == {"vggsound.workers": "4", "splits": '["train", "test"]'}
 
 
 def test_redact_removes_passwords_only():
-    assert tracking.redact("postgresql://me:hunter2@db:5432/mlflow") == "postgresql://me@db:5432/mlflow"
+    assert (
+        tracking.redact("postgresql://me:hunter2@db:5432/mlflow")
+        == "postgresql://me@db:5432/mlflow"
+    )
     assert tracking.redact("sqlite:////x/mlflow.db") == "sqlite:////x/mlflow.db"
 
 
@@ -32,8 +39,13 @@ def test_stage_run_logs_one_tagged_run(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_EXP_NAME", "exp-1")
     report = tmp_path / "reports" / "download"
-    with tracking.stage_run("download", "unit", {"source": "synthetic", "cookiefile": "c.txt"},
-                            report, repo_root=tmp_path) as run:
+    with tracking.stage_run(
+        "download",
+        "unit",
+        {"source": "synthetic", "cookiefile": "c.txt"},
+        report,
+        repo_root=tmp_path,
+    ) as run:
         run.log_metrics({"clips_ok": 12})
     assert (tmp_path / "mlflow.db").exists()
     saved = json.loads((report / tracking.RUN_ID_FILE).read_text())
@@ -52,7 +64,10 @@ def test_stage_run_logs_one_tagged_run(tmp_path, monkeypatch):
 def test_a_failing_stage_marks_its_run_failed(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     report = tmp_path / "reports" / "x"
-    with pytest.raises(RuntimeError), tracking.stage_run("x", "unit", {}, report, repo_root=tmp_path):
+    with (
+        pytest.raises(RuntimeError),
+        tracking.stage_run("x", "unit", {}, report, repo_root=tmp_path),
+    ):
         raise RuntimeError("boom")
     mlflow.set_tracking_uri(tracking.tracking_uri(tmp_path))
     runs = mlflow.search_runs(experiment_names=["unit"], output_format="list")

@@ -1,0 +1,1 @@
+"""Tokenizers: the image and audio VQGANs, the vocoder, their training and batch tokenizing."""

@@ -1,0 +1,212 @@
+"""Shared pytest fixtures.
+
+Each block is named for the module whose tests use it; append new blocks, keep existing ones.
+"""
+
+from __future__ import annotations
+
+import http.server
+import re
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+# ------------------------------------------------------------------ download: loopback video server
+
+DOWNLOAD_VIDEO_SECONDS = 30
+DOWNLOAD_VIDEO_FPS = 25
+_DOWNLOAD_PROXY_VARS = (
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+)
+
+
+@pytest.fixture(scope="session")
+def download_video(tmp_path_factory) -> Path:
+    """A 30-s 128x96 H.264/AAC MP4 (testsrc + 440 Hz sine, 2-s GOP, moov first), made once."""
+    from pipeline.media import ffmpeg_exe
+
+    path = tmp_path_factory.mktemp("download-video") / "source.mp4"
+    seconds, fps = DOWNLOAD_VIDEO_SECONDS, DOWNLOAD_VIDEO_FPS
+    subprocess.run(
+        [
+            ffmpeg_exe(),
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-nostdin",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            f"testsrc=size=128x96:rate={fps}:duration={seconds}",
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency=440:sample_rate=22050:duration={seconds}",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-g",
+            str(2 * fps),
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+            "-b:a",
+            "32k",
+            "-movflags",
+            "+faststart",
+            "-shortest",
+            str(path),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return path
+
+
+class DownloadServer:
+    """A threaded HTTP server on 127.0.0.1 that serves one MP4 under any `/<name>.mp4`.
+
+    `script(path, *actions)` queues what the next requests for `path` get, in order; once the
+    queue is empty requests are served normally. Actions: "ok", "404", "500", "drop" (headers
+    and 40 % of the body, then the connection is cut), "stall" (no answer for `stall_s`),
+    ("429", retry_after) and any callable (run, then served normally). Range requests are
+    honoured. `requests` records (time, method, path, range, action) for every request,
+    `cookies` every Cookie header received.
+    """
+
+    def __init__(self, video: bytes, stall_s: float = 3.0) -> None:
+        self.video = video
+        self.stall_s = stall_s
+        self.requests: list[tuple[float, str, str, str | None, str]] = []
+        self.cookies: list[str] = []
+        self._scripts: dict[str, list] = {}
+        self._lock = threading.Lock()
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd.daemon_threads = True
+        self._httpd.handle_error = lambda request, address: None  # cut connections are expected
+        self.port = self._httpd.server_address[1]
+        self.url_template = f"http://127.0.0.1:{self.port}/{{id}}.mp4"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+
+    def script(self, path: str, *actions) -> None:
+        with self._lock:
+            self._scripts.setdefault(path, []).extend(actions)
+
+    def count(self, path: str) -> int:
+        """How many requests `path` has received."""
+        with self._lock:
+            return sum(1 for r in self.requests if r[2] == path)
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def _next_action(self, method: str, path: str, rng: str | None, cookie: str | None):
+        with self._lock:
+            if cookie:
+                self.cookies.append(cookie)
+            queue = self._scripts.get(path)
+            action = queue.pop(0) if queue else "ok"
+            name = (
+                action
+                if isinstance(action, str)
+                else (action[0] if isinstance(action, tuple) else "hook")
+            )
+            self.requests.append((time.monotonic(), method, path, rng, name))
+        return action
+
+    def _handler(self):
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self._serve(body=False)
+
+            def do_GET(self) -> None:
+                self._serve(body=True)
+
+            def _empty(self, code: int, headers: dict[str, str] | None = None) -> None:
+                self.send_response(code)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def _serve(self, body: bool) -> None:
+                rng = self.headers.get("Range")
+                action = server._next_action(
+                    self.command, self.path, rng, self.headers.get("Cookie")
+                )
+                if callable(action):
+                    action()
+                    action = "ok"
+                if not re.fullmatch(r"/[A-Za-z0-9_-]+\.mp4", self.path) or action == "404":
+                    return self._empty(404)
+                if action == "500":
+                    return self._empty(500)
+                if isinstance(action, tuple) and action[0] == "429":
+                    return self._empty(429, {"Retry-After": str(action[1])})
+                if action == "stall":
+                    time.sleep(server.stall_s)
+                    self.close_connection = True
+                    return None
+                data = server.video
+                start, end = 0, len(data) - 1
+                m = re.fullmatch(r"bytes=(\d*)-(\d*)", rng or "")
+                if m and m[1]:
+                    start = int(m[1])
+                    end = min(int(m[2]), end) if m[2] else end
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Type", "video/mp4")
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("Content-Length", str(end - start + 1))
+                self.end_headers()
+                if not body:
+                    return None
+                chunk = data[start : end + 1]
+                try:
+                    if action == "drop":
+                        self.wfile.write(chunk[: len(chunk) * 2 // 5])
+                        self.wfile.flush()
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        return None
+                    self.wfile.write(chunk)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+                return None
+
+        return Handler
+
+
+@pytest.fixture
+def download_server(download_video, monkeypatch):
+    """A `DownloadServer` on a free loopback port, with proxy variables cleared."""
+    for name in _DOWNLOAD_PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    server = DownloadServer(download_video.read_bytes())
+    yield server
+    server.close()
