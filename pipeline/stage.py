@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -14,9 +15,12 @@ log = logging.getLogger("pipeline")
 def stage_main(name: str, body: Callable[[], str]) -> int:
     """Run a stage body; print its closing line, or one sentence for a user error.
 
-    `body` returns the stage's closing summary ("wrote 480 clips to data/clips in 93 s").
+    `body` returns the stage's closing line, naming the stage ("extract: 400 of 400 clips ...").
     A `PipelineError` exits with status 1 and no traceback; other exceptions propagate.
     """
+    if not sys.stderr.isatty():
+        # Under DVC or CI a progress bar is a log line: one every 10 s, not one per item.
+        os.environ.setdefault("TQDM_MININTERVAL", "10")
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -30,5 +34,5 @@ def stage_main(name: str, body: Callable[[], str]) -> int:
     except KeyboardInterrupt:
         print(f"{name}: interrupted; rerun to resume", file=sys.stderr)
         return 130
-    print(f"{name}: {summary}")
+    print(summary)
     return 0

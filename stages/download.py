@@ -16,6 +16,7 @@ def main() -> str:
     with tracking.stage_run("download", params.base.experiment, as_dict(cfg), report) as run:
         summary = run_download(cfg, clips, seed=params.base.seed)
         run.log_metrics(summary.metrics())
+        run.set_tags({"source": summary.source, "yt_dlp": summary.ytdlp_version})
         io.write_json(report / "summary.json", summary.metrics())
     return summary.describe(clips)
 

@@ -752,7 +752,7 @@ def iter_examples(out_dir: Path, split: str) -> Iterator[Example]:
                 yield Example(row["clip_id"], row["label"], frames, mel)
 
 
-def save_preview(out_dir: Path, path: Path, max_clips: int = 4) -> None:
+def save_preview(out_dir: Path, path: Path, max_clips: int = 8) -> None:
     """A PNG for humans: for the first clip of up to `max_clips` labels (train split first),
     the frames in a row with the mel below, titled with clip id and label."""
     from matplotlib.figure import Figure
@@ -767,16 +767,16 @@ def save_preview(out_dir: Path, path: Path, max_clips: int = 4) -> None:
                 break
     n = meta["num_frames"]
     rows = max(1, len(picked))
-    fig = Figure(figsize=(max(6.0, 1.0 * n), 2.4 * rows), dpi=100, layout="constrained")
-    grid = fig.add_gridspec(2 * rows, n, height_ratios=[1.0, 1.3] * rows)
-    for k, ex in enumerate(picked.values()):
+    fig = Figure(figsize=(max(6.0, 1.0 * n), 2.8 * rows), dpi=100, layout="constrained")
+    # One subfigure per clip keeps each title and axis label clear of its neighbours.
+    for sub, ex in zip(fig.subfigures(rows, 1, squeeze=False)[:, 0], picked.values()):
+        sub.suptitle(f"{ex.clip_id}  [{ex.label}]", fontsize=9, x=0.01, ha="left")
+        grid = sub.add_gridspec(2, n, height_ratios=[1.0, 1.3])
         for j in range(n):
-            ax = fig.add_subplot(grid[2 * k, j])
+            ax = sub.add_subplot(grid[0, j])
             ax.imshow(ex.frames[j])
             ax.set_axis_off()
-            if j == 0:
-                ax.set_title(f"{ex.clip_id}  [{ex.label}]", fontsize=8, loc="left")
-        audio.plot_mel(fig.add_subplot(grid[2 * k + 1, :]), ex.mel)
+        audio.plot_mel(sub.add_subplot(grid[1, :]), ex.mel)
     if not picked:
         fig.text(0.5, 0.5, "no clips extracted", ha="center")
     audio.save_figure(fig, path)
