@@ -39,6 +39,7 @@ demo: setup
 	$(BIN)/dvc repro
 
 test: setup
+	$(BIN)/ruff check pipeline stages tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup

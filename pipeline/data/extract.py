@@ -769,7 +769,7 @@ def save_preview(out_dir: Path, path: Path, max_clips: int = 8) -> None:
     rows = max(1, len(picked))
     fig = Figure(figsize=(max(6.0, 1.0 * n), 2.8 * rows), dpi=100, layout="constrained")
     # One subfigure per clip keeps each title and axis label clear of its neighbours.
-    for sub, ex in zip(fig.subfigures(rows, 1, squeeze=False)[:, 0], picked.values()):
+    for sub, ex in zip(fig.subfigures(rows, 1, squeeze=False)[:, 0], picked.values(), strict=False):
         sub.suptitle(f"{ex.clip_id}  [{ex.label}]", fontsize=9, x=0.01, ha="left")
         grid = sub.add_gridspec(2, n, height_ratios=[1.0, 1.3])
         for j in range(n):
