@@ -52,6 +52,8 @@ class BaseConfig:
 class PathsConfig:
     clips: str = doc("download output: videos in shard folders plus manifest.parquet.")
     extract: str = doc("extract output: Parquet shards of frames and mels per split, meta.json.")
+    tokenizers: str = doc("tokenizers output: image/ and audio/ checkpoint folders (+ vocoder/).")
+    tokens: str = doc("tokenize output: {train,test}/part-NNNNN.parquet of ids + meta.json.")
     cache: str = doc("Scratch space for resumable work; never a DVC output.")
     reports: str = doc("Per-stage reports (summaries, plots) that DVC tracks as metrics/plots.")
 
@@ -209,11 +211,139 @@ class ExtractConfig:
 
 
 @dataclass(frozen=True)
+class VQGANArch:
+    """A VQGAN architecture (taming's ddconfig + codebook); input size comes from `extract`."""
+
+    ch: int = doc("Channels of the first level (official: 128).")
+    ch_mult: tuple[int, ...] = doc("Channel multiplier per level; len-1 = number of halvings.")
+    num_res_blocks: int = doc("Residual blocks per encoder level (decoder: one more).")
+    attn_resolutions: tuple[int, ...] = doc(
+        "Widths at which attention blocks sit (official: 16 / 53)."
+    )
+    z_channels: int = doc("Latent channels.")
+    embed_dim: int = doc("Codebook vector size.")
+    n_embed: int = doc("Codebook size C (official: 1024).")
+    dropout: float = doc("Dropout in residual blocks.")
+    norm_groups: int = doc("GroupNorm groups (official: 32; fewer allows narrow CPU models).")
+
+    def __post_init__(self) -> None:
+        _check(self.norm_groups >= 1, "norm_groups", "must be positive")
+        _check(
+            self.ch >= 1 and self.ch % self.norm_groups == 0,
+            "ch",
+            "must be a positive multiple of norm_groups",
+        )
+        _check(
+            len(self.ch_mult) >= 1 and all(m >= 1 for m in self.ch_mult),
+            "ch_mult",
+            "must be a non-empty list of positive integers",
+        )
+        _check(
+            all((self.ch * m) % self.norm_groups == 0 for m in self.ch_mult),
+            "ch_mult",
+            "must keep every level's channels a multiple of norm_groups",
+        )
+        _check(self.num_res_blocks >= 0, "num_res_blocks", "must not be negative")
+        _check(
+            self.z_channels >= 1 and self.z_channels % self.norm_groups == 0,
+            "z_channels",
+            "must be a positive multiple of norm_groups",
+        )
+        _check(self.embed_dim >= 1, "embed_dim", "must be positive")
+        _check(
+            2 <= self.n_embed <= 65535, "n_embed", "must be between 2 and 65535 (ids are uint16)"
+        )
+        _check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class VQGANTrain:
+    """How the `tokenizers` stage trains a VQGAN when no pretrained checkpoint is given."""
+
+    steps: int = doc("Optimiser steps.")
+    batch_size: int = doc("Examples per step (images: one random frame per clip).")
+    lr: float = doc("Adam learning rate (betas 0.5, 0.9 as in taming).")
+    beta: float = doc("Commitment weight (0.25 in taming).")
+    codebook_weight: float = doc("Weight of the codebook + commitment loss.")
+    disc_start: int = doc("Step from which the patch discriminator joins (steps or more: never).")
+    disc_weight: float = doc("Weight of the adversarial term.")
+    lpips_vgg16: str = doc("Local VGG16/LPIPS checkpoint for a perceptual loss (empty: none).")
+    perceptual_weight: float = doc("Weight of the LPIPS term when a checkpoint is given.")
+    dead_code_every: int = doc("Restart codes unused over this many steps (0: never).")
+    kmeans_init: bool = doc("Initialise the codebook with k-means on the first batches' latents.")
+    eval_examples: int = doc("Test examples used for the reconstruction report (0: all).")
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "steps", "must be at least 1")
+        _check(self.batch_size >= 1, "batch_size", "must be at least 1")
+        _check(0 < self.lr < 1, "lr", "must be in (0, 1)")
+        _check(self.beta >= 0 and self.codebook_weight >= 0, "beta", "weights must not be negative")
+        _check(
+            self.disc_start >= 0 and self.disc_weight >= 0,
+            "disc_start",
+            "and disc_weight must not be negative",
+        )
+        _check(self.perceptual_weight >= 0, "perceptual_weight", "must not be negative")
+        _check(self.dead_code_every >= 0, "dead_code_every", "must be 0 (never) or positive")
+        _check(self.eval_examples >= 0, "eval_examples", "must be 0 (all) or positive")
+
+
+@dataclass(frozen=True)
+class ModalityTokenizerConfig:
+    pretrained: str = doc("Local official checkpoint to import (empty: train one on our data).")
+    arch: VQGANArch = doc("Architecture; must match the checkpoint when `pretrained` is set.")
+    train: VQGANTrain = doc("Training settings, used when `pretrained` is empty.")
+
+
+@dataclass(frozen=True)
+class VocoderConfig:
+    melgan: str = doc("Local SpecVQGAN VGGSound MelGAN `best_netG.pt` (empty: Griffin-Lim).")
+    griffin_lim_iters: int = doc("Griffin-Lim iterations when no MelGAN is configured.")
+
+    def __post_init__(self) -> None:
+        _check(
+            1 <= self.griffin_lim_iters <= 1000, "griffin_lim_iters", "must be between 1 and 1000"
+        )
+
+
+@dataclass(frozen=True)
+class TokenizersConfig:
+    device: Literal["auto", "cpu", "cuda"] = doc(
+        "Where tokenizers train: auto picks cuda if present."
+    )
+    image: ModalityTokenizerConfig = doc("The image VQGAN (paper: taming vqgan_imagenet_f16_1024).")
+    audio: ModalityTokenizerConfig = doc("The mel VQGAN (paper: SpecVQGAN vggsound_codebook).")
+    vocoder: VocoderConfig = doc("Mel -> waveform.")
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    batch_size: int = doc("Examples per Ray Data batch.")
+    num_actors: int = doc("Tokenizer actors (each loads both tokenizers once).")
+    num_gpus_per_actor: float = doc("GPUs per actor (0 on CPU; never more than the cluster has).")
+    precision: Literal["fp32", "tf32", "bf16"] = doc("Encoder precision (fp32: exact reference).")
+    rows_per_file: int = doc("Clips per output Parquet file.")
+    output_uri: str = doc(
+        "Where Ray workers write before compaction on a cluster: a shared path or s3:// (empty: local)."
+    )
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.batch_size <= 4096, "batch_size", "must be between 1 and 4096")
+        _check(1 <= self.num_actors <= 1024, "num_actors", "must be between 1 and 1024")
+        _check(0 <= self.num_gpus_per_actor <= 16, "num_gpus_per_actor", "must be between 0 and 16")
+        _check(
+            1 <= self.rows_per_file <= 1_000_000, "rows_per_file", "must be between 1 and 1000000"
+        )
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseConfig
     paths: PathsConfig
     download: DownloadConfig
     extract: ExtractConfig
+    tokenizers: TokenizersConfig
+    tokenize: TokenizeConfig
 
 
 # ------------------------------------------------------------------------------------------ loader

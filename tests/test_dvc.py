@@ -45,9 +45,16 @@ def tiny_repo(tmp_path_factory) -> Path:
     return repo
 
 
-def test_repro_runs_download_then_extract(tiny_repo):
+STAGES = ("download", "extract", "tokenizers", "tokenize")
+
+
+def _ran(out: str) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in out]
+
+
+def test_repro_runs_the_whole_dag(tiny_repo):
     out = _run(tiny_repo, "dvc", "repro")
-    assert "Running stage 'download'" in out and "Running stage 'extract'" in out
+    assert _ran(out) == list(STAGES)
     manifest = pq.read_table(tiny_repo / "data/clips/manifest.parquet").to_pylist()
     assert len(manifest) == 12 and {r["status"] for r in manifest} == {"ok"}
     meta = json.loads((tiny_repo / "data/extract/meta.json").read_text())
@@ -57,6 +64,17 @@ def test_repro_runs_download_then_extract(tiny_repo):
     assert (tiny_repo / "mlflow.db").exists()
     assert (tiny_repo / "reports/extract/preview.png").stat().st_size > 1000
     assert (tiny_repo / "dvc.lock").exists()
+    for modality in ("image", "audio"):
+        tok = json.loads((tiny_repo / f"models/tokenizers/{modality}/meta.json").read_text())
+        assert tok["modality"] == modality and tok["source"] == "trained"
+        assert (tiny_repo / f"reports/tokenizers/{modality}/reconstructions.png").exists()
+    vocoder = json.loads((tiny_repo / "models/tokenizers/vocoder/meta.json").read_text())
+    assert vocoder["kind"] == "griffin_lim"
+    tokens = json.loads((tiny_repo / "data/tokens/meta.json").read_text())
+    assert tokens["layout"]["audio"]["grid"] == [5, 53]
+    assert tokens["layout"]["image"]["grid"] == [8, 8]
+    rows = pq.read_table(tiny_repo / "data/tokens/train/part-00000.parquet").to_pylist()
+    assert len(rows) == 5 and len(rows[0]["audio_ids"]) == 265
 
 
 def test_second_repro_runs_nothing(tiny_repo):
@@ -67,14 +85,22 @@ def test_second_repro_runs_nothing(tiny_repo):
     assert before == {p: p.stat().st_mtime_ns for p in (tiny_repo / "data").rglob("*.parquet")}
 
 
-def test_changing_an_extract_param_reruns_only_extract(tiny_repo):
+def test_changing_a_tokenize_param_reruns_only_tokenize(tiny_repo):
+    params = tiny_repo / "params.yaml"
+    params.write_text(params.read_text().replace("rows_per_file: 5", "rows_per_file: 4"))
+    out = _run(tiny_repo, "dvc", "repro")
+    assert _ran(out) == ["tokenize"]
+    rows = pq.read_table(tiny_repo / "data/tokens/train/part-00000.parquet").num_rows
+    assert rows == 4
+
+
+def test_changing_an_extract_param_reruns_extract_and_what_follows(tiny_repo):
     params = tiny_repo / "params.yaml"
     params.write_text(params.read_text().replace("jpeg_quality: 90", "jpeg_quality: 75"))
     manifest = tiny_repo / "data/clips/manifest.parquet"
     before = manifest.stat().st_mtime_ns
     out = _run(tiny_repo, "dvc", "repro")
-    assert "Running stage 'extract'" in out
-    assert "Running stage 'download'" not in out
+    assert _ran(out) == ["extract", "tokenizers", "tokenize"]
     assert manifest.stat().st_mtime_ns == before
     status = _run(tiny_repo, "dvc", "status")
     assert "changed" not in status

@@ -7,11 +7,19 @@ The generator has the key layout of SpecVQGAN's `vocoder/logs/vggsound/best_netG
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+
+from pipeline import checkpoint, io
+from pipeline.config import ExtractConfig, VocoderConfig
+from pipeline.data import audio
 
 
 @dataclass(frozen=True)
@@ -90,3 +98,74 @@ class MelGANGenerator(nn.Module):
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         return self.model(mel)
+
+
+class Vocoder:
+    """[0, 1] mels (80, T) -> waveforms at the mel's sample rate, by MelGAN or Griffin-Lim.
+
+    A vocoder folder holds `meta.json` (`kind`: "melgan" or "griffin_lim", and the mel settings
+    as an ExtractConfig) and, for MelGAN, `weights.pt`.
+    """
+
+    def __init__(self, mel: ExtractConfig, generator: MelGANGenerator | None, iters: int = 32):
+        self.mel = mel
+        self.generator = generator.eval() if generator is not None else None
+        self.iters = iters
+
+    @property
+    def kind(self) -> str:
+        return "melgan" if self.generator is not None else "griffin_lim"
+
+    @torch.no_grad()
+    def __call__(self, spec: np.ndarray, seed: int = 0) -> np.ndarray:
+        """spec (n_mels, T) in [0, 1] -> waveform float32 in [-1, 1]."""
+        if self.generator is None:
+            return audio.mel_to_wave(spec, self.mel, n_iter=self.iters, seed=seed)
+        device = next(self.generator.parameters()).device
+        x = torch.as_tensor(np.asarray(spec, dtype=np.float32), device=device)[None]
+        return self.generator(x)[0, 0].float().cpu().numpy()
+
+    def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        meta = {
+            "kind": self.kind,
+            "mel": dataclasses.asdict(self.mel),
+            "griffin_lim_iters": self.iters,
+            **(extra or {}),
+        }
+        if self.generator is not None:
+            meta["melgan"] = dataclasses.asdict(self.generator.config)
+            return checkpoint.save(folder, self.generator, meta)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / checkpoint.WEIGHTS_NAME).unlink(missing_ok=True)
+        io.write_json(folder / checkpoint.META_NAME, meta)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> Vocoder:
+        folder = Path(folder)
+        meta_path = folder / checkpoint.META_NAME
+        if not meta_path.is_file():
+            raise checkpoint.CheckpointError(f"{folder} is not a vocoder folder (no meta.json)")
+        meta = io.read_json(meta_path)
+        mel = ExtractConfig(**meta["mel"])
+        if meta["kind"] != "melgan":
+            return cls(mel, None, int(meta.get("griffin_lim_iters", 32)))
+        state, meta = checkpoint.load(folder)
+        cfg = meta["melgan"]
+        generator = MelGANGenerator(MelGANConfig(**{**cfg, "ratios": tuple(cfg["ratios"])}))
+        checkpoint.load_into(generator, state, "MelGAN vocoder", drop_prefixes=())
+        return cls(mel, generator.to(device), int(meta.get("griffin_lim_iters", 32)))
+
+
+def build_vocoder(cfg: VocoderConfig, mel: ExtractConfig) -> Vocoder:
+    """The configured vocoder: SpecVQGAN's MelGAN from a local `best_netG.pt`, else Griffin-Lim."""
+    if not cfg.melgan:
+        return Vocoder(mel, None, cfg.griffin_lim_iters)
+    if (mel.n_mels, mel.hop_length) != (80, 256):
+        raise checkpoint.CheckpointError(
+            "the SpecVQGAN MelGAN needs 80 mels at hop 256; extract is configured otherwise"
+        )
+    generator = MelGANGenerator()
+    checkpoint.load_into(generator, checkpoint.read_state_dict(cfg.melgan), "MelGAN vocoder")
+    return Vocoder(mel, generator, cfg.griffin_lim_iters)

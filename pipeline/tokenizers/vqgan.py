@@ -34,12 +34,12 @@ class VQGANConfig:
     embed_dim: int = 256
     n_embed: int = 1024
     dropout: float = 0.0
+    norm_groups: int = 32  # GroupNorm groups: 32 in the originals; fewer lets CPU demos go narrow
 
     def __post_init__(self) -> None:
-        if self.ch % 32 or any((self.ch * m) % 32 for m in self.ch_mult):
-            raise ValueError("every VQGAN channel count must be a multiple of 32 (GroupNorm(32))")
-        if self.z_channels % 32:
-            raise ValueError("z_channels must be a multiple of 32 (GroupNorm(32))")
+        g = self.norm_groups
+        if self.ch % g or any((self.ch * m) % g for m in self.ch_mult) or self.z_channels % g:
+            raise ValueError(f"every VQGAN channel count must be a multiple of norm_groups ({g})")
 
     @property
     def downsampling(self) -> int:
@@ -61,8 +61,8 @@ VGGSOUND_CODEBOOK = VQGANConfig(
 )
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 def _swish(x: torch.Tensor) -> torch.Tensor:
@@ -70,11 +70,11 @@ def _swish(x: torch.Tensor) -> torch.Tensor:
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, dropout: float) -> None:
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, groups: int) -> None:
         super().__init__()
-        self.norm1 = _norm(in_channels)
+        self.norm1 = _norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels)
+        self.norm2 = _norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -91,9 +91,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all positions, through 1x1 convolutions."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
-        self.norm = _norm(channels)
+        self.norm = _norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -136,11 +136,11 @@ class _Level(nn.Module):
 
 
 class _Mid(nn.Module):
-    def __init__(self, channels: int, dropout: float) -> None:
+    def __init__(self, channels: int, dropout: float, groups: int) -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -149,6 +149,7 @@ class _Mid(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, cfg: VQGANConfig) -> None:
         super().__init__()
+        g = cfg.norm_groups
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         mults = (1, *cfg.ch_mult)
         curr_res = cfg.resolution
@@ -157,16 +158,16 @@ class Encoder(nn.Module):
             stage = _Level()
             block_in = cfg.ch * mults[level]
             for _ in range(cfg.num_res_blocks):
-                stage.block.append(ResnetBlock(block_in, cfg.ch * mult, cfg.dropout))
+                stage.block.append(ResnetBlock(block_in, cfg.ch * mult, cfg.dropout, g))
                 block_in = cfg.ch * mult
                 if curr_res in cfg.attn_resolutions:
-                    stage.attn.append(AttnBlock(block_in))
+                    stage.attn.append(AttnBlock(block_in, g))
             if level != len(cfg.ch_mult) - 1:
                 stage.downsample = Downsample(block_in)
                 curr_res //= 2
             self.down.append(stage)
-        self.mid = _Mid(block_in, cfg.dropout)
-        self.norm_out = _norm(block_in)
+        self.mid = _Mid(block_in, cfg.dropout, g)
+        self.norm_out = _norm(block_in, g)
         self.conv_out = nn.Conv2d(block_in, cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,25 +186,26 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: VQGANConfig) -> None:
         super().__init__()
+        g = cfg.norm_groups
         block_in = cfg.ch * cfg.ch_mult[-1]
         curr_res = cfg.resolution // cfg.downsampling
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
-        self.mid = _Mid(block_in, cfg.dropout)
+        self.mid = _Mid(block_in, cfg.dropout, g)
         levels: list[_Level] = []
         for level in reversed(range(len(cfg.ch_mult))):
             stage = _Level()
             block_out = cfg.ch * cfg.ch_mult[level]
             for _ in range(cfg.num_res_blocks + 1):
-                stage.block.append(ResnetBlock(block_in, block_out, cfg.dropout))
+                stage.block.append(ResnetBlock(block_in, block_out, cfg.dropout, g))
                 block_in = block_out
                 if curr_res in cfg.attn_resolutions:
-                    stage.attn.append(AttnBlock(block_in))
+                    stage.attn.append(AttnBlock(block_in, g))
             if level != 0:
                 stage.upsample = Upsample(block_in)
                 curr_res *= 2
             levels.insert(0, stage)
         self.up = nn.ModuleList(levels)  # up[0] is the finest level, as in the checkpoints
-        self.norm_out = _norm(block_in)
+        self.norm_out = _norm(block_in, g)
         self.conv_out = nn.Conv2d(block_in, cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
