@@ -59,7 +59,8 @@ GPU_BATCH = 64
 def machine() -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {cores} CPU cores, {gpu}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {cores} CPU cores, {gpu}, torch {torch.__version__}"
 
 
 # ------------------------------------------------------------------------------------ data
@@ -191,7 +192,8 @@ def bench_pipeline(work: Path, args: argparse.Namespace) -> None:
         print(
             f"{name:5s} {clips[name]:4d} clips | plain loop {clips[name] / p:6.2f} clips/s "
             f"({p:.2f} s) | Ray stage {clips[name] / r:6.2f} clips/s ({r:.2f} s, job {j:.2f} s) "
-            f"| overhead {(r - p) / p * 100:+.0f} % | ids identical: {'yes' if same[name] else 'NO'}"
+            f"| overhead {(r - p) / p * 100:+.0f} % "
+            f"| ids identical: {'yes' if same[name] else 'NO'}"
         )
         print(
             f"      runs plain {', '.join(f'{x:.2f}' for x in plain_s[name])}; "

@@ -415,7 +415,7 @@ def _dataset(cfg: TokenizeConfig, paths: list[str], tokenizers_dir: Path, mel_sh
     )
 
 
-def _scratch_uri(cfg: TokenizeConfig, cache_dir: Path, key: str) -> str | None:
+def _scratch_uri(cfg: TokenizeConfig, key: str) -> str | None:
     """Where Ray workers write (`output_uri`), or None: the driver writes into the cache."""
     if not cfg.output_uri:
         return None
@@ -609,7 +609,8 @@ def _clean_leftovers(out_dir: Path) -> None:
 def _extract_meta(extract_dir: Path) -> dict[str, Any]:
     if not (extract_dir / extract.META_NAME).is_file():
         raise TokenizeError(
-            f"{extract_dir} holds no extract output ({extract.META_NAME}); run the extract stage first"
+            f"{extract_dir} holds no extract output ({extract.META_NAME}); "
+            "run the extract stage first"
         )
     return extract.load_meta(extract_dir)
 
@@ -645,22 +646,24 @@ def _load_tokenizers(tokenizers_dir: Path) -> dict[str, Tokenizer]:
 
 def _check_inputs(meta: dict[str, Any], toks: dict[str, Tokenizer]) -> None:
     """The tokenizers must eat what extract wrote, and their ids must fit uint16."""
-    n, s = meta["frames"]["shape"][:2]
-    image_in = (3, s, meta["frames"]["shape"][2])
+    _, height, width, _ = meta["frames"]["shape"]
+    image_in = (3, height, width)
     if toks["image"].spec.shape != image_in:
         raise TokenizeError(
             f"the image tokenizer expects {toks['image'].spec.shape} inputs but extract wrote "
-            f"{image_in} frames; retrain the tokenizers or rerun extract with a matching image_size"
+            f"{image_in} frames; retrain the tokenizers or rerun extract with their image_size"
         )
     mel_in = (1, *meta["mel"]["shape"])
     if toks["audio"].spec.shape != mel_in:
         raise TokenizeError(
-            f"the audio tokenizer expects {toks['audio'].spec.shape} mels but extract wrote {mel_in}"
+            f"the audio tokenizer expects {toks['audio'].spec.shape} mels but extract wrote "
+            f"{mel_in}"
         )
     for modality, tok in toks.items():
         if tok.layout().codebook_size > MAX_CODEBOOK:
             raise TokenizeError(
-                f"the {modality} codebook has {tok.layout().codebook_size} codes; uint16 ids allow {MAX_CODEBOOK}"
+                f"the {modality} codebook has {tok.layout().codebook_size} codes; "
+                f"uint16 ids allow at most {MAX_CODEBOOK}"
             )
     if sum(meta["counts"].values()) == 0:
         raise TokenizeError("extract wrote no clips, so there is nothing to tokenize")
@@ -707,7 +710,7 @@ def run_tokenize(
     ]
     key = _run_key(extract_dir, tokenizers_dir, cfg)
     scratch = cache_dir / CACHE_SUBDIR / key
-    uri = _scratch_uri(cfg, cache_dir, key)
+    uri = _scratch_uri(cfg, key)
 
     with ray_session() as startup_s:
         _check_gpus(cfg)
