@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,6 +74,25 @@ def remove_stale_temporaries(folder: str | Path) -> int:
             tmp.unlink(missing_ok=True)
             count += 1
     return count
+
+
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished folder `tmp` to `out_dir`, removing what was there (stale files too)."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / "x")
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def clean_dir_leftovers(out_dir: Path) -> None:
+    """Remove the `.new-`/`.old-` folders an interrupted `replace_dir` run left beside `out_dir`."""
+    for prefix in (f"{TMP_PREFIX}{out_dir.name}.new-", f"{TMP_PREFIX}{out_dir.name}.old-"):
+        for p in out_dir.parent.glob(f"{prefix}*"):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def shard_of(clip_id: str, width: int = 2) -> str:

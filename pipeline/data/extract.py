@@ -619,27 +619,6 @@ def _meta(
     }
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move `tmp` to `out_dir`, removing what was there (stale shards included)."""
-    old = None
-    if out_dir.exists():
-        old = Path(
-            tempfile.mkdtemp(prefix=f"{io.TMP_PREFIX}{out_dir.name}.old-", dir=out_dir.parent)
-        )
-        os.replace(out_dir, old / "x")
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-def _clean_leftovers(out_dir: Path) -> None:
-    """Remove the temporary folders an interrupted run of this stage left beside `out_dir`."""
-    for prefix in (f"{io.TMP_PREFIX}{out_dir.name}.new-", f"{io.TMP_PREFIX}{out_dir.name}.old-"):
-        for p in out_dir.parent.glob(f"{prefix}*"):
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------- stage
 
 
@@ -682,7 +661,7 @@ def run_extract(
         _process(todo, clips_dir, cfg, cache, bar)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _clean_leftovers(out_dir)
+    io.clean_dir_leftovers(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f"{io.TMP_PREFIX}{out_dir.name}.new-", dir=out_dir.parent))
     try:
         done = _compact(_iter_chunk_rows(cache, chunks), cfg, tmp)
@@ -691,7 +670,7 @@ def run_extract(
         )
         meta = _meta(cfg, records, done, tmp)
         io.write_json(tmp / META_NAME, meta)
-        _replace_dir(tmp, out_dir)
+        io.replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

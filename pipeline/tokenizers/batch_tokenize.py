@@ -582,27 +582,6 @@ def _compact(
     return files, counts
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move `tmp` to `out_dir`, removing what was there (stale files included)."""
-    old = None
-    if out_dir.exists():
-        old = Path(
-            tempfile.mkdtemp(prefix=f"{io.TMP_PREFIX}{out_dir.name}.old-", dir=out_dir.parent)
-        )
-        os.replace(out_dir, old / "x")
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-def _clean_leftovers(out_dir: Path) -> None:
-    """Remove the temporary folders an interrupted run left beside `out_dir`."""
-    for prefix in (f"{io.TMP_PREFIX}{out_dir.name}.new-", f"{io.TMP_PREFIX}{out_dir.name}.old-"):
-        for p in out_dir.parent.glob(f"{prefix}*"):
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------- inputs
 
 
@@ -723,7 +702,7 @@ def run_tokenize(
     table = _read_scratch(uri or str(scratch.resolve()))
     expected = {s: n for s, n in meta_in["counts"].items() if n}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _clean_leftovers(out_dir)
+    io.clean_dir_leftovers(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f"{io.TMP_PREFIX}{out_dir.name}.new-", dir=out_dir.parent))
     try:
         files, counts = _compact(table, layout, num_frames, cfg.rows_per_file, tmp)
@@ -751,7 +730,7 @@ def run_tokenize(
             },
         }
         io.write_json(tmp / META_NAME, meta)
-        _replace_dir(tmp, out_dir)
+        io.replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
