@@ -54,6 +54,7 @@ class PathsConfig:
     extract: str = doc("extract output: Parquet shards of frames and mels per split, meta.json.")
     tokenizers: str = doc("tokenizers output: image/ and audio/ checkpoint folders (+ vocoder/).")
     tokens: str = doc("tokenize output: {train,test}/part-NNNNN.parquet of ids + meta.json.")
+    transformer: str = doc("train output: the transformer's weights.pt + meta.json.")
     cache: str = doc("Scratch space for resumable work; never a DVC output.")
     reports: str = doc("Per-stage reports (summaries, plots) that DVC tracks as metrics/plots.")
 
@@ -337,6 +338,133 @@ class TokenizeConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """The unified masked generative transformer (paper: ViT-L encoder, 1024-wide decoder)."""
+
+    embed_dim: int = doc("Encoder width (paper: 1024).")
+    depth: int = doc("Encoder blocks (paper: 24).")
+    num_heads: int = doc("Encoder attention heads (paper: 16).")
+    decoder_embed_dim: int = doc("Decoder width (paper, as MAGE: 1024).")
+    decoder_depth: int = doc("Decoder blocks (paper: 8).")
+    decoder_num_heads: int = doc("Decoder attention heads (paper: 16).")
+    mlp_ratio: float = doc("MLP hidden size over width (4).")
+    dropout: float = doc("Dropout on embeddings, projections and MLPs (MAGE: 0.1).")
+    attn_dropout: float = doc("Dropout on attention weights (MAGE: 0.1).")
+    detach_head_embedding: bool = doc(
+        "Tie the output to the embedding table without a gradient through it, as MAGE does."
+    )
+    activation_checkpointing: bool = doc(
+        "Recompute block activations in the backward pass (less memory, ~30% more compute)."
+    )
+
+    def __post_init__(self) -> None:
+        for width, heads, name in (
+            (self.embed_dim, self.num_heads, "num_heads"),
+            (self.decoder_embed_dim, self.decoder_num_heads, "decoder_num_heads"),
+        ):
+            _check(
+                heads >= 1 and width >= heads and width % heads == 0,
+                name,
+                "must divide the width it belongs to",
+            )
+        _check(self.depth >= 1 and self.decoder_depth >= 1, "depth", "blocks must be at least 1")
+        _check(self.mlp_ratio > 0, "mlp_ratio", "must be positive")
+        _check(0 <= self.dropout < 1 and 0 <= self.attn_dropout < 1, "dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    """Training-time masking (paper §3.3): a ratio per sample and modality, then a random drop."""
+
+    mean: float = doc("Location of the truncated Gaussian of mask ratios (paper mu: 0.7).")
+    std: float = doc("Its scale (not in the paper; MAGE: 0.25).")
+    low: float = doc("Smallest mask ratio (paper: 0.2).")
+    high: float = doc("Largest mask ratio (1.0).")
+    drop_ratio: float = doc(
+        "Fraction of each modality's positions removed before the encoder, masked or not (0.5)."
+    )
+
+    def __post_init__(self) -> None:
+        _check(0 < self.low < self.high <= 1, "low", "must satisfy 0 < low < high <= 1")
+        _check(self.std > 0, "std", "must be positive")
+        _check(0 <= self.drop_ratio < 1, "drop_ratio", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The `train` stage: Ray Train TorchTrainer around a plain PyTorch step."""
+
+    run_name: str = doc(
+        "Ray Train run name; rerunning with the same name resumes (auto: derived from params)."
+    )
+    storage_path: str = doc("RunConfig.storage_path: checkpoints (local folder, NFS or s3://).")
+    num_workers: int = doc("Ray Train workers (0: local mode, in the stage process).")
+    use_gpu: bool = doc("One GPU per worker (NCCL); false: CPU workers (gloo).")
+    cpus_per_worker: float = doc("CPUs reserved per worker.")
+    max_failures: int = doc("FailureConfig.max_failures: worker-group restarts from a checkpoint.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = doc(
+        "auto: bf16 on compute capability >= 8.0, fp16 + GradScaler on 7.x, fp32 on CPU."
+    )
+    steps: int = doc("Optimiser steps.")
+    batch_size: int = doc("Global batch (split evenly over workers).")
+    base_lr: float = doc("lr = base_lr x batch_size / 256 (MAGE: 1.5e-4).")
+    min_lr: float = doc("Learning rate at the end of the cosine.")
+    warmup_steps: int = doc("Linear warm-up steps before the cosine.")
+    weight_decay: float = doc("AdamW weight decay (0.05; none on norms and biases).")
+    betas: tuple[float, ...] = doc("AdamW betas (0.9, 0.95).")
+    grad_clip: float = doc("Gradient-norm clip (3.0; 0: none).")
+    label_smoothing: float = doc("Cross-entropy label smoothing (0.1).")
+    masking: MaskingConfig = doc("Mask ratios and token drop.")
+    compile: bool = doc("torch.compile the model (GPU; slow to start on CPU).")
+    log_every: int = doc("Steps between logged training metrics.")
+    eval_every: int = doc("Steps between validation losses on the test split (0: at the end).")
+    eval_mask_ratios: tuple[float, ...] = doc("Fixed mask ratios of the validation loss.")
+    eval_examples: int = doc("Test clips used for validation (0: all).")
+    figure_every: int = doc("Steps between reconstruction figures (0: at the end only).")
+    figure_examples: int = doc("Test clips in each reconstruction figure.")
+    checkpoint_every: int = doc("Steps between checkpoints reported to Ray Train.")
+    keep_checkpoints: int = doc("Checkpoints kept in storage_path (CheckpointConfig.num_to_keep).")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.run_name.strip()), "run_name", "must not be empty (auto: derived)")
+        _check(bool(self.storage_path.strip()), "storage_path", "must not be empty")
+        _check(self.num_workers >= 0, "num_workers", "must be 0 (local mode) or positive")
+        _check(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
+        _check(self.max_failures >= -1, "max_failures", "must be -1 (forever) or more")
+        _check(self.steps >= 1, "steps", "must be at least 1")
+        _check(
+            self.batch_size >= max(1, self.num_workers)
+            and self.batch_size % max(1, self.num_workers) == 0,
+            "batch_size",
+            "must be a positive multiple of num_workers",
+        )
+        _check(
+            0 < self.base_lr < 1 and 0 <= self.min_lr <= self.base_lr,
+            "base_lr",
+            "must be in (0, 1) and at least min_lr",
+        )
+        _check(0 <= self.warmup_steps <= self.steps, "warmup_steps", "must be in [0, steps]")
+        _check(self.weight_decay >= 0, "weight_decay", "must not be negative")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "betas",
+            "must be two numbers in [0, 1)",
+        )
+        _check(self.grad_clip >= 0, "grad_clip", "must be 0 (none) or positive")
+        _check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        for name in ("log_every", "checkpoint_every"):
+            _check(getattr(self, name) >= 1, name, "must be at least 1")
+        for name in ("eval_every", "figure_every", "eval_examples", "figure_examples"):
+            _check(getattr(self, name) >= 0, name, "must not be negative")
+        _check(
+            bool(self.eval_mask_ratios) and all(0 < r <= 1 for r in self.eval_mask_ratios),
+            "eval_mask_ratios",
+            "must be a non-empty list of ratios in (0, 1]",
+        )
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseConfig
     paths: PathsConfig
@@ -344,6 +472,8 @@ class Params:
     extract: ExtractConfig
     tokenizers: TokenizersConfig
     tokenize: TokenizeConfig
+    model: ModelConfig
+    train: TrainConfig
 
 
 # ------------------------------------------------------------------------------------------ loader

@@ -14,3 +14,27 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise PipelineError("device 'cuda' was asked for but no CUDA GPU is visible")
     return torch.device(name)
+
+
+def choose_precision(
+    requested: str, device: torch.device, capability: tuple[int, int] | None = None
+) -> str:
+    """Training precision: `auto` -> bf16 on compute capability >= 8.0, fp16 (with a GradScaler)
+    on older GPUs such as the paper's V100 (7.0), fp32 on CPU. An explicit choice is checked."""
+    if device.type != "cuda":
+        if requested in ("fp16",):
+            raise PipelineError("fp16 autocast needs a CUDA GPU; use fp32 or bf16 on CPU")
+        return "fp32" if requested == "auto" else requested
+    if capability is None:
+        capability = torch.cuda.get_device_capability(device)
+    if requested == "auto":
+        return "bf16" if capability >= (8, 0) else "fp16"
+    if requested == "bf16" and capability < (8, 0):
+        raise PipelineError(
+            f"bf16 needs compute capability 8.0 or newer; this GPU has "
+            f"{capability[0]}.{capability[1]}: use fp16 or auto"
+        )
+    return requested
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

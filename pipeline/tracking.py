@@ -97,6 +97,31 @@ class StageRun:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._mlflow.set_tags(dict(tags))
 
+    def handle(self) -> dict[str, str]:
+        """What another process needs to log into this run (see `RunLogger`)."""
+        return {"tracking_uri": self._mlflow.get_tracking_uri(), "run_id": self.run_id}
+
+
+class RunLogger:
+    """Logs into an existing run from another process (a Ray Train rank-0 worker) by run id,
+    without starting or ending the run: the stage process owns it."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self._client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self._client.log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+
 
 @contextlib.contextmanager
 def stage_run(

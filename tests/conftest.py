@@ -210,3 +210,83 @@ def download_server(download_video, monkeypatch):
     server = DownloadServer(download_video.read_bytes())
     yield server
     server.close()
+
+
+# ---------------------------------------------------------------- training: a tokens folder
+
+
+def write_token_dir(
+    out_dir: Path,
+    *,
+    audio_grid: tuple[int, int] = (2, 6),
+    image_grid: tuple[int, int] = (3, 3),
+    codebook: int = 16,
+    num_frames: int = 4,
+    classes: int = 4,
+    per_class: dict[str, int] | None = None,
+    seed: int = 0,
+) -> Path:
+    """A tokenize-stage output (Parquet + meta.json) with learnable structure: each class has a
+    fixed audio and image pattern, and every clip is its class pattern with 10% of ids replaced
+    at random; frames differ from each other only by that noise."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline import io
+    from pipeline.tokenizers.batch_tokenize import META_NAME, _compact, _scratch_table
+    from pipeline.tokenizers.layout import ModalityLayout, TokenLayout
+
+    per_class = per_class or {"train": 8, "test": 2}
+    layout = TokenLayout(
+        ModalityLayout("audio", codebook, audio_grid), ModalityLayout("image", codebook, image_grid)
+    )
+    rng = np.random.default_rng(seed)
+    pattern_a = rng.integers(0, codebook, (classes, layout.audio.length))
+    pattern_v = rng.integers(0, codebook, (classes, layout.image.length))
+
+    def noisy(pattern: np.ndarray) -> np.ndarray:
+        noise = rng.random(pattern.shape) < 0.1
+        return np.where(noise, rng.integers(0, codebook, pattern.shape), pattern)
+
+    rows = {
+        "clip_id": [],
+        "label": [],
+        "split": [],
+        "image_ids": [],
+        "audio_ids": [],
+        "encoder": [],
+    }
+    for split, n in per_class.items():
+        for c in range(classes):
+            for i in range(n):
+                rows["clip_id"].append(f"{split}-c{c}-{i:03d}")
+                rows["label"].append(f"class {c}")
+                rows["split"].append(split)
+                rows["image_ids"].append(np.stack([noisy(pattern_v[c]) for _ in range(num_frames)]))
+                rows["audio_ids"].append(noisy(pattern_a[c]))
+                rows["encoder"].append("test")
+    batch = {
+        k: (np.stack(v).astype(np.uint16) if k.endswith("_ids") else np.array(v, object))
+        for k, v in rows.items()
+    }
+    table: pa.Table = _scratch_table(batch)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files, counts = _compact(table, layout, num_frames, 16, out_dir)
+    io.write_json(
+        out_dir / META_NAME,
+        {
+            "layout": layout.to_dict(),
+            "counts": counts,
+            "num_frames": num_frames,
+            "labels": [f"class {c}" for c in range(classes)],
+            "files": files,
+            "tokenizers": {},
+        },
+    )
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def make_token_dir():
+    """`write_token_dir` as a fixture (test modules cannot import conftest)."""
+    return write_token_dir

@@ -50,7 +50,16 @@ def test_params_yaml_loads_with_the_paper_mel_defaults():
         ),
         (lambda d: d["paths"].update(clips="/abs"), r"^paths\.clips: must be a relative path"),
         (lambda d: d["paths"].update(clips="../out"), r"^paths\.clips: must not leave"),
-        (lambda d: d.update(train={}), r"^train: is not a known key"),
+        (lambda d: d.update(sweep={}), r"^sweep: is not a known key"),
+        (
+            lambda d: d["train"].update(batch_size=3, num_workers=2),
+            r"^train\.batch_size: must be a positive multiple",
+        ),
+        (
+            lambda d: d["train"]["masking"].update(low=0.9, high=0.5),
+            r"^train\.masking\.low: must satisfy",
+        ),
+        (lambda d: d["model"].update(num_heads=5), r"^model\.num_heads: must divide"),
         (lambda d: d.pop("base"), r"^base: is missing"),
         (
             lambda d: d["extract"].update(mel_frames=900),

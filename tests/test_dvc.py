@@ -45,7 +45,7 @@ def tiny_repo(tmp_path_factory) -> Path:
     return repo
 
 
-STAGES = ("download", "extract", "tokenizers", "tokenize")
+STAGES = ("download", "extract", "tokenizers", "tokenize", "train")
 
 
 def _ran(out: str) -> list[str]:
@@ -75,6 +75,13 @@ def test_repro_runs_the_whole_dag(tiny_repo):
     assert tokens["layout"]["image"]["grid"] == [8, 8]
     rows = pq.read_table(tiny_repo / "data/tokens/train/part-00000.parquet").to_pylist()
     assert len(rows) == 5 and len(rows[0]["audio_ids"]) == 265
+    model = json.loads((tiny_repo / "models/transformer/meta.json").read_text())
+    assert model["step"] == 4 and model["layout"] == tokens["layout"]
+    assert (tiny_repo / "models/transformer/weights.pt").stat().st_size > 1000
+    losses = (tiny_repo / "reports/train/loss.csv").read_text().splitlines()
+    assert losses[0].startswith("step,loss,loss_audio,loss_image") and len(losses) == 3
+    assert (tiny_repo / "reports/train/reconstruction.png").stat().st_size > 1000
+    assert "train: 4 steps" in out
 
 
 def test_second_repro_runs_nothing(tiny_repo):
@@ -85,11 +92,33 @@ def test_second_repro_runs_nothing(tiny_repo):
     assert before == {p: p.stat().st_mtime_ns for p in (tiny_repo / "data").rglob("*.parquet")}
 
 
-def test_changing_a_tokenize_param_reruns_only_tokenize(tiny_repo):
+def test_train_logged_curves_and_figures_to_mlflow(tiny_repo):
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((tiny_repo / "reports/train/mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(f"sqlite:///{tiny_repo / 'mlflow.db'}")
+    history = client.get_metric_history(run_id, "loss_audio")
+    assert [m.step for m in history] == [2, 4]
+    assert client.get_metric_history(run_id, "val/loss_image_r70")
+    names = {a.path for a in client.list_artifacts(run_id)}
+    assert {"loss.png", "reconstruction.png"} <= names
+    assert client.list_artifacts(run_id, "reconstructions")  # rank 0's figure at the end
+
+
+def test_changing_a_logging_param_reruns_only_train_and_resumes(tiny_repo):
+    params = tiny_repo / "params.yaml"
+    params.write_text(params.read_text().replace("log_every: 2", "log_every: 1"))
+    out = _run(tiny_repo, "dvc", "repro")
+    assert _ran(out) == ["train"]
+    # Same optimisation, same auto run name: the finished run's last checkpoint is reused.
+    assert "train: 4 steps, resumed at step 4" in out
+
+
+def test_changing_a_tokenize_param_reruns_tokenize_and_train(tiny_repo):
     params = tiny_repo / "params.yaml"
     params.write_text(params.read_text().replace("rows_per_file: 5", "rows_per_file: 4"))
     out = _run(tiny_repo, "dvc", "repro")
-    assert _ran(out) == ["tokenize"]
+    assert _ran(out) == ["tokenize", "train"]
     rows = pq.read_table(tiny_repo / "data/tokens/train/part-00000.parquet").num_rows
     assert rows == 4
 
@@ -100,7 +129,7 @@ def test_changing_an_extract_param_reruns_extract_and_what_follows(tiny_repo):
     manifest = tiny_repo / "data/clips/manifest.parquet"
     before = manifest.stat().st_mtime_ns
     out = _run(tiny_repo, "dvc", "repro")
-    assert _ran(out) == ["extract", "tokenizers", "tokenize"]
+    assert _ran(out) == ["extract", "tokenizers", "tokenize", "train"]
     assert manifest.stat().st_mtime_ns == before
     status = _run(tiny_repo, "dvc", "status")
     assert "changed" not in status

@@ -1,8 +1,8 @@
 """Benchmark: the tokenize stage's Ray Data job against a plain PyTorch loop on the same clips.
 
-    .venv/bin/python bench/tokenize.py [--work DIR] [--classes 8] [--train 10] [--test 2]
+    .venv/bin/python bench/tokenize_throughput.py [--work DIR] [--classes 8] [--train 10] [--test 2]
                                        [--image-size 64] [--repeat 2] [--save-gpu-inputs]
-    python3 bench/tokenize.py --gpu-only [--work DIR]          (a CUDA machine; Ray not needed)
+    python3 bench/tokenize_throughput.py --gpu-only [--work DIR]          (a CUDA machine; Ray not needed)
 
 Pipeline part (CPU, or CUDA for both sides when present): renders classes x (train + test)
 synthetic clips with the real generator, extracts them at --image-size, saves random-init
@@ -27,11 +27,7 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as a script, this file's folder comes first on sys.path, where its name would shadow the
-# standard library's `tokenize` (imported by torch via inspect). Put the repository there.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
-    sys.path[0] = os.path.dirname(_HERE)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Ray starts every worker with OMP_NUM_THREADS set (to its CPUs); without it, torch's CPU convs
 # ran 3-4x slower on 2 threads on the 2-core VM this was written on. Same setting both sides.
 os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))

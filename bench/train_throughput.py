@@ -1,0 +1,155 @@
+"""Training throughput of the transformer: samples/s, tokens/s, TFLOP/s, MFU and peak memory.
+
+    python bench/train_throughput.py CONFIG BATCH [--steps 10] [--warmup 3] [--precision auto]
+                                     [--compile] [--checkpointing] [--device auto]
+
+CONFIG is `paper` (ViT-L encoder + 1024-wide decoder, 1024 codes per modality, 5x53 + 16x16 ids)
+or `demo` (the `model:` section of params.yaml with the demo tokenizers' codebooks). The timed
+step is the `train` stage's own (`pipeline.training.loop.train_step`): the training mask and
+drop drawn on the CPU, autocast, masked cross-entropy, backward, clipping, AdamW (fused on
+CUDA). Warm-up steps run first; the timed steps end with a device synchronisation.
+
+FLOPs per sample: `pipeline.models.flops` (3 x forward; matrix products and attention, 840.6
+GFLOP for `paper`). MFU divides the achieved FLOP/s by the device's dense bf16/fp16 peak
+(H100/H200: 989 TFLOP/s); activation checkpointing's recomputation is not counted as work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import load_params  # noqa: E402
+from pipeline.devices import choose_precision, resolve_device  # noqa: E402
+from pipeline.masking import mask_for_training  # noqa: E402
+from pipeline.models import PAPER_MODEL, AudioVisualTransformer, count_parameters  # noqa: E402
+from pipeline.models.flops import flops_per_sample  # noqa: E402
+from pipeline.tokenizers.layout import ModalityLayout, TokenLayout  # noqa: E402
+from pipeline.training.loop import train_step  # noqa: E402
+from pipeline.training.optim import build_optimizer  # noqa: E402
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, by device-name substring.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "V100": 125.0}
+
+
+def device_peak(device: torch.device) -> tuple[str, float | None]:
+    if device.type != "cuda":
+        return "cpu", None
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return name, peak
+
+
+def build(config: str, checkpointing: bool):
+    params = load_params()
+    if config == "paper":
+        model_cfg, codes = PAPER_MODEL, (1024, 1024)
+    elif config == "demo":
+        model_cfg = params.model
+        codes = (params.tokenizers.audio.arch.n_embed, params.tokenizers.image.arch.n_embed)
+    else:
+        raise SystemExit(f"unknown CONFIG {config!r}: paper or demo")
+    model_cfg = dataclasses.replace(model_cfg, activation_checkpointing=checkpointing)
+    layout = TokenLayout(
+        ModalityLayout("audio", codes[0], (5, 53)), ModalityLayout("image", codes[1], (16, 16))
+    )
+    return params, model_cfg, layout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("config", choices=["paper", "demo"])
+    ap.add_argument("batch", type=int)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", help="also write the numbers to this file")
+    args = ap.parse_args()
+
+    params, model_cfg, layout = build(args.config, args.checkpointing)
+    device = resolve_device(args.device)
+    precision = choose_precision(args.precision, device)
+    train_cfg = dataclasses.replace(params.train, batch_size=args.batch)
+    torch.manual_seed(0)
+    model = AudioVisualTransformer(model_cfg, layout).to(device)
+    net = torch.compile(model) if args.compile else model
+    opt, _ = build_optimizer(model, train_cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    g = torch.Generator().manual_seed(0)
+    ids = {
+        m: torch.randint(
+            0, layout.modality(m).codebook_size, (args.batch, layout.modality(m).length)
+        )
+        for m in ("audio", "image")
+    }
+
+    def step() -> None:
+        batch = mask_for_training(layout, ids, train_cfg.masking, g).to(device)
+        train_step(net, model, batch, opt, scaler, train_cfg, precision)
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / args.steps
+
+    flops = flops_per_sample(model_cfg, layout, train_cfg.masking.drop_ratio).training
+    samples_s = args.batch / seconds
+    tflops = samples_s * flops / 1e12
+    name, peak = device_peak(device)
+    if device.type == "cuda":
+        memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        memory_kind = "peak allocated"
+    else:
+        memory_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        memory_kind = "process peak RSS"
+    result = {
+        "config": args.config,
+        "parameters": count_parameters(model),
+        "batch": args.batch,
+        "precision": precision,
+        "compile": args.compile,
+        "activation_checkpointing": args.checkpointing,
+        "device": name,
+        "step_ms": round(seconds * 1e3, 2),
+        "samples_per_s": round(samples_s, 2),
+        "tokens_per_s": round(samples_s * layout.seq_len),
+        "gflop_per_sample": round(flops / 1e9, 2),
+        "tflop_per_s": round(tflops, 3),
+        "mfu": None if peak is None else round(tflops / peak, 4),
+        "peak_memory_gib": round(memory_gib, 2),
+        "memory_kind": memory_kind,
+    }
+    mfu = "n/a (no dense peak for this device)" if peak is None else f"{tflops / peak:.1%}"
+    print(
+        f"{args.config} ({result['parameters'] / 1e6:.1f}M params) batch {args.batch} "
+        f"{precision}{' compile' if args.compile else ''}"
+        f"{' ckpt' if args.checkpointing else ''} on {name}: "
+        f"{seconds * 1e3:.1f} ms/step, {samples_s:.1f} samples/s, "
+        f"{result['tokens_per_s']:,} tokens/s, {tflops:.2f} TFLOP/s, MFU {mfu}, "
+        f"{memory_kind} {memory_gib:.2f} GiB"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

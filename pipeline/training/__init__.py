@@ -1,0 +1,1 @@
+"""Training the transformer: objective, optimiser, a plain PyTorch loop, and the Ray Train adapter."""

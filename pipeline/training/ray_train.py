@@ -1,0 +1,317 @@
+"""The `train` stage on Ray Train (V2): the only module that imports `ray.train`.
+
+`run_train` builds a `TorchTrainer` around `loop.run_training`: workers and resources from
+params (`num_workers: 0` is Ray Train's local mode, in the stage process), DDP over gloo on CPU
+or NCCL on GPUs, checkpoints reported to `RunConfig(storage_path, name)`. Rerunning with the same
+run name resumes from the run's last checkpoint; `train.run_name: auto` names the run after a
+hash of everything that defines the optimisation, so changed params start a new run and an
+interrupted identical one resumes. At the end the unwrapped weights and meta.json go to
+`models/transformer/`, and the reports (metrics, loss curves, reconstruction figure) to
+`reports/train/`.
+
+Ray's local mode keeps no checkpoints (Ray 2.60: `report` does not persist them and
+`get_checkpoint` returns None), so there this module stores them itself in the same folder
+layout, `<storage_path>/<run_name>/checkpoint_<step>/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import ModelConfig, TrainConfig
+from pipeline.data.token_dataset import TokenSplit, token_layout
+from pipeline.errors import PipelineError
+from pipeline.tokenizers.batch_tokenize import ray_session
+from pipeline.training import reports
+from pipeline.training.loop import (
+    FolderEnvironment,
+    TrainError,
+    TrainJob,
+    load_state,
+    run_training,
+    save_state,
+)
+
+log = logging.getLogger(__name__)
+
+# TrainConfig fields that do not change the optimisation: resuming across them is allowed.
+_RUN_ONLY_FIELDS = (
+    "run_name",
+    "storage_path",
+    "num_workers",
+    "use_gpu",
+    "cpus_per_worker",
+    "max_failures",
+    "log_every",
+    "eval_every",
+    "eval_mask_ratios",
+    "eval_examples",
+    "figure_every",
+    "figure_examples",
+    "checkpoint_every",
+    "keep_checkpoints",
+)
+
+
+def fingerprint(model: ModelConfig, train: TrainConfig, tokens_meta: dict, seed: int) -> str:
+    """sha256 of what defines the optimisation: model, optimiser, masking, data files, seed."""
+    train_part = {k: v for k, v in asdict(train).items() if k not in _RUN_ONLY_FIELDS}
+    files = {s: [e["sha256"] for e in entries] for s, entries in tokens_meta["files"].items()}
+    blob = json.dumps(
+        {"model": asdict(model), "train": train_part, "files": files, "seed": seed},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def run_name(train: TrainConfig, digest: str) -> str:
+    return f"train-{digest[:12]}" if train.run_name == "auto" else train.run_name
+
+
+def storage_uri(path: str) -> str:
+    """Ray wants an absolute local path or a URI (s3://, gs://, ...)."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
+# ------------------------------------------------------------------------------- worker side
+
+
+class RayEnvironment:
+    """`loop.Environment` inside a Ray Train worker."""
+
+    def __init__(self, local_store: str | None, keep: int) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        # Ray's local mode persists nothing: keep checkpoints in the same layout ourselves.
+        self._local = (
+            FolderEnvironment(Path(local_store), self.device, keep=keep) if (local_store) else None
+        )
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        if self.world_size == 1:
+            return model
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def restore(self) -> dict[str, Any] | None:
+        import ray.train
+
+        if self._local is not None:
+            return self._local.restore()
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return load_state(folder)
+
+    def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+        import ray.train
+
+        if self._local is not None:
+            self._local.report(metrics, state)
+            ray.train.report(metrics)
+            return
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="ve-ckpt-") as folder:
+            save_state(Path(folder), state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _worker(config: dict[str, Any]) -> None:
+    """The function every Ray Train worker runs."""
+    job: TrainJob = config["job"]
+    torch.set_num_threads(max(1, int(config["threads"])))
+    env = RayEnvironment(config["local_store"], job.train.keep_checkpoints)
+    hooks = reports.WorkerHooks(job, env.device) if env.rank == 0 else None
+    run_training(
+        job,
+        env,
+        on_log=hooks.log if hooks else None,
+        on_figure=hooks.figure if hooks else None,
+        stop_after=config.get("stop_after"),
+    )
+
+
+# ------------------------------------------------------------------------------- driver side
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    run_name: str
+    steps: int
+    resumed_from: int
+    seconds: float
+    metrics: dict[str, float]
+    out_dir: str
+
+    def describe(self) -> str:
+        m = self.metrics
+        resumed = f", resumed at step {self.resumed_from}" if self.resumed_from else ""
+        return (
+            f"train: {self.steps} steps{resumed} in {self.seconds:.0f}s (run {self.run_name}); "
+            f"loss audio {m.get('loss_audio', float('nan')):.3f} image "
+            f"{m.get('loss_image', float('nan')):.3f}; model in {self.out_dir}"
+        )
+
+
+def _scaling(cfg: TrainConfig):
+    import ray.train
+
+    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
+    return ray.train.ScalingConfig(
+        num_workers=cfg.num_workers,
+        use_gpu=cfg.use_gpu,
+        resources_per_worker=resources if cfg.num_workers else None,
+    )
+
+
+def _threads(cfg: TrainConfig) -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    if cfg.num_workers == 0:
+        return cores
+    return max(1, min(int(cfg.cpus_per_worker), cores // cfg.num_workers))
+
+
+def _unwrap_failure(err: BaseException) -> BaseException:
+    """The worker's own exception inside Ray's TrainingFailedError, when there is one."""
+    seen = set()
+    stack = [err]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, PipelineError):
+            return e
+        stack.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+        for attr in ("worker_failures", "errors"):
+            value = getattr(e, attr, None)
+            if isinstance(value, dict):
+                stack.extend(v for v in value.values() if isinstance(v, BaseException))
+    return err
+
+
+def fit(job: TrainJob, name: str, storage: str, stop_after: int | None = None) -> dict[str, Any]:
+    """Run the TorchTrainer to the end (or `stop_after`) and return the last checkpoint's state."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = job.train
+    local_store = None
+    if cfg.num_workers == 0:
+        if "://" in storage:
+            raise TrainError("train.num_workers 0 (local mode) needs a local storage_path")
+        local_store = str(Path(storage) / name)
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={
+            "job": job,
+            "local_store": local_store,
+            "threads": _threads(cfg),
+            "stop_after": stop_after,
+        },
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=_scaling(cfg),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        inner = _unwrap_failure(err)
+        if isinstance(inner, PipelineError):
+            raise TrainError(str(inner)) from None
+        raise
+    if local_store is not None:
+        state = FolderEnvironment(Path(local_store)).restore()
+    elif result.checkpoint is not None:
+        with result.checkpoint.as_directory() as folder:
+            state = load_state(folder)
+    else:
+        state = None
+    if state is None:
+        raise TrainError(f"run {name} ended without a checkpoint in {storage}")
+    return state
+
+
+def run_train(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    seed: int,
+    tokens_dir: Path,
+    tokenizers_dir: Path,
+    out_dir: Path,
+    reports_dir: Path,
+    tracking: dict[str, str] | None = None,
+    stop_after: int | None = None,
+) -> TrainSummary:
+    """Train (or resume) the transformer on `tokens_dir`; export to `out_dir` (see module doc)."""
+    start = time.monotonic()
+    layout, tokens_meta = token_layout(tokens_dir)
+    digest = fingerprint(model_cfg, train_cfg, tokens_meta, seed)
+    name = run_name(train_cfg, digest)
+    storage = storage_uri(train_cfg.storage_path)
+    job = TrainJob(
+        model=model_cfg,
+        train=train_cfg,
+        layout=layout.to_dict(),
+        tokens_dir=str(Path(tokens_dir).resolve()),
+        seed=seed,
+        fingerprint=digest,
+        tracking=tracking,
+        tokenizers_dir=str(Path(tokenizers_dir).resolve()),
+    )
+    log.info(
+        "train: run %s in %s, %d worker(s)%s, %d steps of %d",
+        name,
+        storage,
+        train_cfg.num_workers,
+        " with GPUs" if train_cfg.use_gpu else "",
+        train_cfg.steps,
+        train_cfg.batch_size,
+    )
+    with ray_session():
+        state = fit(job, name, storage, stop_after)
+    history = state["history"]
+    resumed_from = next((r["step"] for r in history.get("resumed", [])), 0)
+    model = reports.export_model(state, job, name, out_dir)
+    test_split = TokenSplit.load(tokens_dir, "test")
+    final = reports.write_reports(state, job, model, test_split, reports_dir)
+    return TrainSummary(
+        run_name=name,
+        steps=int(state["step"]),
+        resumed_from=resumed_from,
+        seconds=round(time.monotonic() - start, 1),
+        metrics=final,
+        out_dir=str(out_dir),
+    )
+
+
+def with_steps(cfg: TrainConfig, steps: int) -> TrainConfig:
+    """`cfg` with a different step count (benchmarks, tests)."""
+    return replace(cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, steps))

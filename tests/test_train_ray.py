@@ -1,0 +1,119 @@
+"""The `train` stage's Ray Train path: 2 CPU workers (gloo DDP), resume, export, reports, MLflow.
+
+Slow: every `fit` starts a Ray Train controller and a worker group (about 30-50 s here)."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import tracking
+from pipeline.config import load_params
+from pipeline.training.ray_train import fingerprint, run_name, run_train
+from pipeline.training.reports import load_transformer
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = load_params(ROOT / "params.yaml")
+MODEL = dataclasses.replace(
+    PARAMS.model,
+    embed_dim=16,
+    depth=1,
+    num_heads=2,
+    decoder_embed_dim=16,
+    decoder_depth=1,
+    decoder_num_heads=2,
+)
+
+
+@pytest.fixture(scope="module")
+def ray_up():
+    from pipeline.tokenizers.batch_tokenize import ray_session
+
+    with ray_session():
+        yield
+
+
+def _train(tmp: Path, **kw):
+    return dataclasses.replace(
+        PARAMS.train,
+        steps=8,
+        batch_size=8,
+        warmup_steps=2,
+        log_every=2,
+        eval_every=4,
+        checkpoint_every=4,
+        figure_every=0,
+        storage_path=str(tmp / "ray"),
+        **kw,
+    )
+
+
+def test_two_workers_train_resume_and_export(tmp_path, make_token_dir, ray_up, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tokens = make_token_dir(tmp_path / "tokens")
+    cfg = _train(tmp_path, num_workers=2)
+    out, reports = tmp_path / "model", tmp_path / "reports"
+    with tracking.stage_run("train", "test", {}, reports, repo_root=tmp_path) as run:
+        first = run_train(
+            MODEL,
+            cfg,
+            0,
+            tokens,
+            tmp_path / "no-tokenizers",
+            out,
+            reports,
+            tracking=run.handle(),
+            stop_after=4,
+        )
+        run_id = run.run_id
+    assert first.steps == 4 and first.resumed_from == 0
+    second = run_train(MODEL, cfg, 0, tokens, tmp_path / "no-tokenizers", out, reports)
+    assert second.steps == 8 and second.resumed_from == 4
+    assert second.run_name == first.run_name
+
+    model, meta = load_transformer(out)
+    assert meta["step"] == 8 and meta["layout"]["audio"]["grid"] == [2, 6]
+    assert "module." not in "".join(model.state_dict())
+    rows = (reports / "loss.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss") and [r.split(",")[0] for r in rows[1:]] == [
+        "2",
+        "4",
+        "6",
+        "8",
+    ]
+    metrics = json.loads((reports / "metrics.json").read_text())
+    assert metrics["step"] == 8 and "val/loss_audio_r70" in metrics
+
+    # Rank 0 logged per-step metrics into the stage's MLflow run.
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient().get_metric_history(run_id, "loss_audio")
+    assert [m.step for m in history] == [2, 4]
+
+
+def test_local_mode_resumes_from_its_own_checkpoints(tmp_path, make_token_dir, ray_up):
+    tokens = make_token_dir(tmp_path / "tokens")
+    cfg = _train(tmp_path, num_workers=0)
+    args = (MODEL, cfg, 0, tokens, tmp_path / "none", tmp_path / "m", tmp_path / "r")
+    run_train(*args, stop_after=4)
+    assert run_train(*args).resumed_from == 4
+    straight = _train(tmp_path / "s", num_workers=0)
+    run_train(MODEL, straight, 0, tokens, tmp_path / "none", tmp_path / "m2", tmp_path / "r2")
+    a = torch.load(tmp_path / "m" / "weights.pt")
+    b = torch.load(tmp_path / "m2" / "weights.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_auto_run_name_changes_with_the_optimisation_only():
+    meta = {"files": {"train": [{"sha256": "a"}]}}
+    base = fingerprint(MODEL, PARAMS.train, meta, 0)
+    logging_only = dataclasses.replace(PARAMS.train, log_every=7, num_workers=4)
+    assert fingerprint(MODEL, logging_only, meta, 0) == base
+    assert fingerprint(MODEL, dataclasses.replace(PARAMS.train, base_lr=1e-3), meta, 0) != base
+    assert fingerprint(MODEL, PARAMS.train, {"files": {"train": [{"sha256": "b"}]}}, 0) != base
+    assert run_name(PARAMS.train, base) == f"train-{base[:12]}"
+    assert run_name(dataclasses.replace(PARAMS.train, run_name="mine"), base) == "mine"
