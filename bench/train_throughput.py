@@ -144,7 +144,7 @@ def main() -> None:
         f"{precision}{' compile' if args.compile else ''}"
         f"{' ckpt' if args.checkpointing else ''} on {name}: "
         f"{seconds * 1e3:.1f} ms/step, {samples_s:.1f} samples/s, "
-        f"{result['tokens_per_s']:,} tokens/s, {tflops:.2f} TFLOP/s, MFU {mfu}, "
+        f"{result['tokens_per_s']:,} tokens/s, {tflops:.3g} TFLOP/s, MFU {mfu}, "
         f"{memory_kind} {memory_gib:.2f} GiB"
     )
     if args.json:

@@ -9,6 +9,7 @@ once per module in a few seconds. Models are tiny; the whole file runs in about 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import math
 from pathlib import Path
 
@@ -151,15 +152,17 @@ def test_training_reports_history_and_metrics(trained_image):
 # --------------------------------------------------------------------- (b) dead codes
 
 
-def test_dead_code_restarts_keep_more_codes_in_use(data, tmp_path):
+@pytest.mark.parametrize("seed", [1, 2])
+def test_dead_code_restarts_keep_more_codes_in_use(data, tmp_path, seed):
+    # The median over the training windows of the fraction of codes used: one end-of-training
+    # evaluation was too noisy (it flipped with a numerically different but equal swish).
     usage = {}
     for every in (0, 5):
         cfg = config(kmeans_init=False, dead_code_every=every, steps=30)
-        tok = train_tokenizer(
-            "image", cfg, IMAGE, data, device=CPU, seed=1, report_dir=tmp_path
-        ).tokenizer
-        metrics = evaluate_tokenizer(tok, data, split="train", report_dir=tmp_path)
-        usage[every] = metrics["codebook_usage"]
+        history = train_tokenizer(
+            "image", cfg, IMAGE, data, device=CPU, seed=seed, report_dir=tmp_path
+        ).history
+        usage[every] = statistics.median(h["codebook_usage"] for h in history)
     assert usage[5] > usage[0] + 0.2, usage
 
 

@@ -152,3 +152,18 @@ def test_tiny_model_overfits_one_batch():
     # Untrained: about ln 16 + ln 12 = 5.26 (uniform guesses). Memorised: far below.
     assert first > 0.8 * (math.log(16) + math.log(12))
     assert float(loss.detach()) < 0.5
+
+
+def test_paper_training_flops_match_the_reference_count():
+    from pipeline.models.flops import flops_per_sample
+
+    paper = TokenLayout(
+        ModalityLayout("audio", 1024, (5, 53)), ModalityLayout("image", 1024, (16, 16))
+    )
+    flops = flops_per_sample(PAPER_MODEL, paper, drop_ratio=0.5)
+    # model-anchors §6.2: encoder 164.3 GF (at 261 kept tokens; we keep 260), decoder 113.8 GF,
+    # head 2.7 GF, training about 843 GF per sample.
+    assert flops.decoder / 1e9 == pytest.approx(113.8, rel=1e-3)
+    assert flops.encoder / 1e9 == pytest.approx(164.3, rel=0.01)
+    assert flops.training / 1e9 == pytest.approx(843, rel=0.01)
+    assert flops_per_sample(PAPER_MODEL, paper, 0.0).forward / 1e9 == pytest.approx(458, rel=0.01)
