@@ -49,6 +49,31 @@ def device_peak(device: torch.device) -> tuple[str, float | None]:
     return name, peak
 
 
+def saved_for_backward(net, model, batch, train_cfg, precision: str) -> int:
+    """Bytes the autograd graph of one forward keeps for the backward pass, parameters left out
+    (they are resident anyway), counted by storage through saved-tensor hooks, so the count
+    does not depend on the device's allocator. Under activation checkpointing only the block
+    inputs are kept (recomputed blocks are not counted). Autocast's low-precision weight copies
+    are counted: they are kept for the backward."""
+    from pipeline.devices import autocast
+    from pipeline.training.objective import compute_loss
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with hooks, autocast(batch.inputs["audio"].device, precision):
+        loss, _ = compute_loss(net, batch, train_cfg.label_smoothing)
+    del loss
+    return sum(storages.values())
+
+
 def build(config: str, checkpointing: bool):
     params = load_params()
     if config == "paper":
@@ -76,6 +101,11 @@ def main() -> None:
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", help="also write the numbers to this file")
+    ap.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only count the activations one step keeps (no timing): paper-size on a CPU",
+    )
     args = ap.parse_args()
 
     params, model_cfg, layout = build(args.config, args.checkpointing)
@@ -99,6 +129,33 @@ def main() -> None:
         batch = mask_for_training(layout, ids, train_cfg.masking, g).to(device)
         train_step(net, model, batch, opt, scaler, train_cfg, precision)
 
+    saved = saved_for_backward(
+        net,
+        model,
+        mask_for_training(layout, ids, train_cfg.masking, g).to(device),
+        train_cfg,
+        precision,
+    )
+    if args.memory_only:
+        one = {m: v[:1] for m, v in ids.items()}
+        single = saved_for_backward(
+            net,
+            model,
+            mask_for_training(layout, one, train_cfg.masking, g).to(device),
+            train_cfg,
+            precision,
+        )
+        per_sample = (saved - single) / max(1, args.batch - 1)
+        states = count_parameters(model) * 16  # fp32 weights, grads, AdamW exp_avg, exp_avg_sq
+        print(
+            f"{args.config} batch {args.batch} {precision}"
+            f"{' ckpt' if args.checkpointing else ''}: saved for backward "
+            f"{saved / 2**30:.3f} GiB ({per_sample / 2**20:.1f} MiB per sample + "
+            f"{(single - per_sample) / 2**30:.3f} GiB fixed); with weights, grads and AdamW "
+            f"states ({states / 2**30:.2f} GiB) a lower bound on the step's peak of "
+            f"{(states + saved) / 2**30:.2f} GiB"
+        )
+        return
     for _ in range(args.warmup):
         step()
     if device.type == "cuda":
@@ -136,6 +193,7 @@ def main() -> None:
         "tflop_per_s": round(tflops, 3),
         "mfu": None if peak is None else round(tflops / peak, 4),
         "peak_memory_gib": round(memory_gib, 2),
+        "saved_for_backward_gib": round(saved / 2**30, 3),
         "memory_kind": memory_kind,
     }
     mfu = "n/a (no dense peak for this device)" if peak is None else f"{tflops / peak:.1%}"
@@ -145,7 +203,7 @@ def main() -> None:
         f"{' ckpt' if args.checkpointing else ''} on {name}: "
         f"{seconds * 1e3:.1f} ms/step, {samples_s:.1f} samples/s, "
         f"{result['tokens_per_s']:,} tokens/s, {tflops:.3g} TFLOP/s, MFU {mfu}, "
-        f"{memory_kind} {memory_gib:.2f} GiB"
+        f"{memory_kind} {memory_gib:.2f} GiB, saved for backward {saved / 2**30:.3f} GiB"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -2,6 +2,11 @@
 
 visual-echoes profile profiles/tiny.yaml    apply a params profile (keeps comments)
 visual-echoes check                         say which ffmpeg is used and validate params.yaml
+visual-echoes image2audio --image cat.jpg --out cat.wav
+visual-echoes audio2image --audio bark.wav --out bark.png
+visual-echoes cogenerate --samples 4 --out generated/
+visual-echoes inpaint-audio --image cat.jpg --audio cat.wav --start 3 --end 5 --out fixed.wav
+visual-echoes inpaint-image --audio bark.wav --image dog.png --box 4 12 4 12 --out fixed.png
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import argparse
 import sys
 
 from pipeline.errors import PipelineError
+from pipeline.inference.command import add_subcommands
 
 
 def _profile(args: argparse.Namespace) -> str:
@@ -41,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate params.yaml and find ffmpeg")
     c.add_argument("--params", default="params.yaml")
     c.set_defaults(func=_check)
+    add_subcommands(sub)
     return parser
 
 

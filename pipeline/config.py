@@ -465,6 +465,27 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class GenerateConfig:
+    """Iterative unmasking (paper §3.4, appendix A.2/A.3) for the command and evaluation."""
+
+    steps: int = doc("Unmasking iterations N (paper: 30).")
+    temperature: float = doc(
+        "T: scale of the Gumbel noise on the re-masking confidence (paper: 9)."
+    )
+    guidance: float = doc("Classifier-free guidance s on logits (paper: 3; 1 disables it).")
+    batch_size: int = doc("Examples generated together.")
+    device: Literal["auto", "cpu", "cuda"] = doc(
+        "Where generation runs: auto picks cuda if present."
+    )
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.steps <= 1000, "steps", "must be between 1 and 1000")
+        _check(self.temperature >= 0, "temperature", "must not be negative")
+        _check(self.guidance >= 0, "guidance", "must not be negative (1: no guidance)")
+        _check(self.batch_size >= 1, "batch_size", "must be at least 1")
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseConfig
     paths: PathsConfig
@@ -474,6 +495,7 @@ class Params:
     tokenize: TokenizeConfig
     model: ModelConfig
     train: TrainConfig
+    generate: GenerateConfig
 
 
 # ------------------------------------------------------------------------------------------ loader

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from pipeline.errors import PipelineError
@@ -38,3 +41,13 @@ def choose_precision(
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, precision: str) -> Iterator[None]:
+    """torch.autocast for bf16/fp16; nothing for fp32."""
+    if precision in AUTOCAST_DTYPES:
+        with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]):
+            yield
+    else:
+        yield

@@ -290,3 +290,41 @@ def write_token_dir(
 def make_token_dir():
     """`write_token_dir` as a fixture (test modules cannot import conftest)."""
     return write_token_dir
+
+
+# ------------------------------------------------------------ dvc / generate: a tiny project
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_in(repo: Path, *args: str, check: bool = True) -> str:
+    """Run a command in `repo` with this venv's executables first on PATH; stdout + stderr."""
+    import os
+    import sys
+
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    if check:
+        assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory) -> Path:
+    """A copy of the project as a fresh git + DVC repository on the tiny profile (not run yet)."""
+    import shutil
+
+    from pipeline.profiles import apply_profile
+
+    repo = tmp_path_factory.mktemp("repo")
+    for name in ("pipeline", "stages", "profiles"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / name, repo / name)
+    apply_profile(repo / "profiles" / "tiny.yaml", repo / "params.yaml")
+    run_in(repo, "git", "init", "-q")
+    run_in(repo, "dvc", "init", "-q")
+    run_in(repo, "dvc", "config", "core.analytics", "false")
+    return repo

@@ -6,43 +6,23 @@ A real DVC repository in a temporary folder, real MP4s through real ffmpeg, a re
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-from pipeline.profiles import apply_profile
+from conftest import run_in
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def _run(repo: Path, *args: str) -> str:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
+    return run_in(repo, *args)
 
 
 @pytest.fixture(scope="module")
-def tiny_repo(tmp_path_factory) -> Path:
-    """A copy of the project as a fresh git + DVC repository on the tiny profile."""
-    repo = tmp_path_factory.mktemp("repo")
-    for name in ("pipeline", "stages", "profiles"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(ROOT / name, repo / name)
-    apply_profile(repo / "profiles" / "tiny.yaml", repo / "params.yaml")
-    _run(repo, "git", "init", "-q")
-    _run(repo, "dvc", "init", "-q")
-    _run(repo, "dvc", "config", "core.analytics", "false")
-    return repo
+def tiny_repo(tiny_project) -> Path:
+    return tiny_project
 
 
 STAGES = ("download", "extract", "tokenizers", "tokenize", "train")

@@ -9,8 +9,8 @@ once per module in a few seconds. Models are tiny; the whole file runs in about 
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import math
+import statistics
 from pathlib import Path
 
 import numpy as np

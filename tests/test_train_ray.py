@@ -11,8 +11,8 @@ import torch
 
 from pipeline import tracking
 from pipeline.config import load_params
+from pipeline.models.saved import load_transformer
 from pipeline.training.ray_train import fingerprint, run_name, run_train
-from pipeline.training.reports import load_transformer
 
 pytestmark = pytest.mark.slow
 

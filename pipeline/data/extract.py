@@ -215,28 +215,45 @@ def fps_fraction(num_frames: int, span_s: float) -> Fraction:
     return Fraction(num_frames) / span
 
 
+def input_args(path: Path, cfg: ExtractConfig, loglevel: str = "error") -> list[str]:
+    """ffmpeg up to its input: the first `clip_seconds` of `path`, one decoder thread (the
+    stage runs one clip per core). Paths go in as `file:` + absolute path, so no name can read
+    as an option or a protocol."""
+    return [
+        ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", "-loglevel", loglevel,
+        "-threads", "1", "-t", f"{cfg.clip_seconds:g}", "-i", f"file:{path.resolve()}",
+    ]  # fmt: skip
+
+
+def video_filter(cfg: ExtractConfig, rate: Fraction | None) -> str:
+    """`fps=rate` (None: every frame), then the short side scaled to `image_size` (bicubic)
+    and a centre crop."""
+    s = cfg.image_size
+    scale = f"scale={s}:{s}:force_original_aspect_ratio=increase:flags=bicubic,crop={s}:{s}"
+    return scale if rate is None else f"fps={rate.numerator}/{rate.denominator},{scale}"
+
+
+def audio_args(cfg: ExtractConfig, audio_path: Path) -> list[str]:
+    """The first audio stream, mono float32 at `sample_rate`, to `audio_path`."""
+    return [
+        "-map", "0:a:0", "-ac", "1", "-ar", str(cfg.sample_rate), "-c:a", "pcm_f32le",
+        "-f", "f32le", "-y", f"file:{audio_path}",
+    ]  # fmt: skip
+
+
 def ffmpeg_command(
     path: Path, cfg: ExtractConfig, span_s: float, audio_path: Path, loglevel: str = "error"
 ) -> list[str]:
     """One decode pass: N frames (scaled, cropped, rgb24) to stdout, mono f32le to `audio_path`.
 
-    `span_s` is D of `fps=N/D`. Paths go in as `file:` + absolute path, so no name can read as
-    an option or a protocol. `-map 0:V:0` skips cover art; one decoder thread per clip because
-    the stage runs one clip per core.
+    `span_s` is D of `fps=N/D`. `-map 0:V:0` skips cover art.
     """
     rate = fps_fraction(cfg.num_frames, span_s)
-    s = cfg.image_size
-    video_filter = (
-        f"fps={rate.numerator}/{rate.denominator},"
-        f"scale={s}:{s}:force_original_aspect_ratio=increase:flags=bicubic,crop={s}:{s}"
-    )
     return [
-        ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", "-loglevel", loglevel,
-        "-threads", "1", "-t", f"{cfg.clip_seconds:g}", "-i", f"file:{path.resolve()}",
-        "-map", "0:V:0", "-vf", video_filter, "-frames:v", str(cfg.num_frames),
+        *input_args(path, cfg, loglevel),
+        "-map", "0:V:0", "-vf", video_filter(cfg, rate), "-frames:v", str(cfg.num_frames),
         "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1",
-        "-map", "0:a:0", "-ac", "1", "-ar", str(cfg.sample_rate), "-c:a", "pcm_f32le",
-        "-f", "f32le", "-y", f"file:{audio_path}",
+        *audio_args(cfg, audio_path),
     ]  # fmt: skip
 
 

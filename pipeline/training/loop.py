@@ -12,12 +12,11 @@ interrupted one would have been.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,7 +28,7 @@ from torch import nn
 from pipeline import io
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.data.token_dataset import StepSampler, TokenSplit, step_seed
-from pipeline.devices import AUTOCAST_DTYPES, choose_precision
+from pipeline.devices import autocast, choose_precision
 from pipeline.errors import PipelineError
 from pipeline.masking import MaskedBatch, mask_fixed_ratio, mask_for_training
 from pipeline.models.transformer import AudioVisualTransformer
@@ -82,15 +81,6 @@ class Environment(Protocol):
 
 
 # ------------------------------------------------------------------------------------ pieces
-
-
-@contextlib.contextmanager
-def autocast(device: torch.device, precision: str) -> Iterator[None]:
-    if precision in AUTOCAST_DTYPES:
-        with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]):
-            yield
-    else:
-        yield
 
 
 def build_model(job: TrainJob) -> AudioVisualTransformer:

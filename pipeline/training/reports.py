@@ -25,7 +25,6 @@ from pipeline import checkpoint, io, tracking
 from pipeline.config import MaskingConfig, as_dict
 from pipeline.data.token_dataset import TokenSplit
 from pipeline.models.transformer import AudioVisualTransformer, count_parameters
-from pipeline.tokenizers.layout import TokenLayout
 from pipeline.training import figures
 from pipeline.training.loop import TrainJob
 
@@ -128,20 +127,6 @@ def export_model(
     checkpoint.save(tmp, model, meta)
     io.replace_dir(tmp, out_dir)
     return model
-
-
-def load_transformer(
-    folder: str | Path, device: str | torch.device = "cpu"
-) -> tuple[AudioVisualTransformer, dict[str, Any]]:
-    """Rebuild the exported model from its meta.json alone and load the weights strictly."""
-    from pipeline.config import ModelConfig
-
-    state, meta = checkpoint.load(folder)
-    model = AudioVisualTransformer(
-        ModelConfig(**meta["model"]), TokenLayout.from_dict(meta["layout"])
-    )
-    checkpoint.load_into(model, state, "transformer", drop_prefixes=())
-    return model.to(device).eval(), meta
 
 
 def _parent(path: Path) -> Path:

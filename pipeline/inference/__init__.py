@@ -1,0 +1,1 @@
+"""Generation with the trained transformer: the unmasking scheduler, tasks, decoding."""

@@ -1,0 +1,207 @@
+"""The `visual-echoes` generation commands end to end on the checkpoint of the tiny pipeline
+(dvc repro of profiles/tiny.yaml), every task, and every bad-input case. Slow: needs the DAG."""
+
+from __future__ import annotations
+
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_in
+from PIL import Image
+
+from pipeline.cli import main
+
+pytestmark = pytest.mark.slow
+FAST = ["--steps", "3", "--params", "params.yaml"]
+
+
+@pytest.fixture(scope="module")
+def repo(tiny_project) -> Path:
+    run_in(tiny_project, "dvc", "repro")  # a no-op when test_dvc already ran it
+    return tiny_project
+
+
+@pytest.fixture
+def cli(repo, monkeypatch, capsys):
+    """main([...]) inside the tiny project; returns (exit code, stdout, stderr)."""
+    monkeypatch.chdir(repo)
+
+    def call(*args: str) -> tuple[int, str, str]:
+        code = main([*args, *FAST])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return call
+
+
+def _video(repo: Path) -> Path:
+    return sorted((repo / "data/clips/videos").rglob("*.mp4"))[0]
+
+
+def _png(path: Path, size=(50, 40)) -> Path:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _wav(path: Path, seconds=10.0, rate=22050, silent=False) -> Path:
+    t = np.arange(int(seconds * rate)) / rate
+    y = np.zeros_like(t) if silent else 0.3 * np.sin(2 * np.pi * 440 * t)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((y * 32767).astype("<i2").tobytes())
+    return path
+
+
+def _wav_seconds(path: Path) -> float:
+    with wave.open(str(path)) as w:
+        return w.getnframes() / w.getframerate()
+
+
+def test_image2audio_from_a_picture_and_from_a_video(cli, repo, tmp_path):
+    code, out, err = cli("image2audio", "--image", str(_png(tmp_path / "cat.png")),
+                         "--out", str(tmp_path / "cat.wav"))  # fmt: skip
+    assert code == 0, err
+    assert "image2audio: 1 file(s)" in out
+    # 848 mel frames at hop 256: the 9.84 s SpecVQGAN keeps of each 10-s clip.
+    assert _wav_seconds(tmp_path / "cat.wav") == pytest.approx(848 * 256 / 22050, abs=0.02)
+    assert (tmp_path / "cat.mel.png").stat().st_size > 1000
+    code, _, err = cli("image2audio", "--image", str(_video(repo)), "--out", str(tmp_path / "v"),
+                       "--samples", "2")  # fmt: skip
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "v").glob("*.wav")) == [
+        f"{_video(repo).stem}-0.wav",
+        f"{_video(repo).stem}-1.wav",
+    ]
+
+
+def test_same_seed_same_sound_other_seed_other_sound(cli, tmp_path):
+    image = str(_png(tmp_path / "x.png"))
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        assert cli("image2audio", "--image", image, "--out", str(tmp_path / f"{name}.wav"),
+                   "--seed", seed)[0] == 0  # fmt: skip
+    read = lambda n: (tmp_path / f"{n}.wav").read_bytes()  # noqa: E731
+    assert read("a") == read("b") and read("a") != read("c")
+
+
+def test_audio2image_cogenerate_and_inpainting(cli, repo, tmp_path):
+    sound = str(_wav(tmp_path / "tone.wav"))
+    code, _, err = cli("audio2image", "--audio", sound, "--out", str(tmp_path / "tone.png"))
+    assert code == 0, err
+    assert Image.open(tmp_path / "tone.png").size == (32, 32)
+    code, _, err = cli(
+        "audio2image", "--audio", str(_video(repo)), "--out", str(tmp_path / "v.png")
+    )
+    assert code == 0, err
+    code, _, err = cli("cogenerate", "--samples", "2", "--out", str(tmp_path / "co"))
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "co").iterdir()) == [
+        "sample-0.mel.png", "sample-0.png", "sample-0.wav",
+        "sample-1.mel.png", "sample-1.png", "sample-1.wav",
+    ]  # fmt: skip
+    code, _, err = cli("inpaint-audio", "--image", str(_png(tmp_path / "i.png")), "--audio", sound,
+                       "--start", "2", "--end", "4", "--out", str(tmp_path / "fixed.wav"))  # fmt: skip
+    assert code == 0, err
+    code, _, err = cli("inpaint-image", "--image", str(tmp_path / "i.png"), "--audio", sound,
+                       "--box", "0", "4", "0", "4", "--out", str(tmp_path / "fixed.png"))  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "fixed.png").exists()
+
+
+def test_a_folder_of_inputs_in_one_call(cli, tmp_path):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for name in ("a.png", "b.jpg"):
+        _png(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    code, out, err = cli("image2audio", "--image", str(folder), "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.wav")) == ["a.wav", "b.wav"]
+
+
+@pytest.mark.parametrize(
+    ("case", "pattern"),
+    [
+        ("missing", "missing.png"),
+        ("text_as_png", "fake.png"),
+        ("silent", "silent.wav"),
+        ("empty_wav", "empty.wav"),
+        ("not_checkpoint", "not a transformer checkpoint"),
+        ("bad_span", "--start"),
+    ],
+)
+def test_bad_input_is_one_sentence_and_exit_1(cli, tmp_path, case, pattern):
+    image = str(_png(tmp_path / "ok.png"))
+    args = {
+        "missing": ["image2audio", "--image", str(tmp_path / "missing.png")],
+        "text_as_png": ["image2audio", "--image", str(tmp_path / "fake.png")],
+        "silent": ["audio2image", "--audio", str(_wav(tmp_path / "silent.wav", silent=True))],
+        "empty_wav": ["audio2image", "--audio", str(_wav(tmp_path / "empty.wav", seconds=0))],
+        "not_checkpoint": ["image2audio", "--image", image, "--checkpoint", str(tmp_path)],
+        "bad_span": ["inpaint-audio", "--image", image, "--audio",
+                     str(_wav(tmp_path / "t.wav")), "--start", "5", "--end", "3"],
+    }[case]  # fmt: skip
+    (tmp_path / "fake.png").write_text("hello")
+    code, out, err = cli(*args, "--out", str(tmp_path / "out.wav"))
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("visual-echoes: error:"), err
+    assert pattern in lines[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "out.wav").exists()
+
+
+def test_mismatched_tokenizers_are_refused(cli, repo, tmp_path):
+    import json
+    import shutil
+
+    other = tmp_path / "toks"
+    shutil.copytree(repo / "models/tokenizers", other)
+    # The same (fully convolutional) image VQGAN declared for 64x64 frames: an 16x16 id grid
+    # instead of the 8x8 the transformer was trained on.
+    meta = json.loads((other / "image/meta.json").read_text())
+    meta["input"]["shape"] = [3, 64, 64]
+    (other / "image/meta.json").write_text(json.dumps(meta))
+    code, _, err = cli("image2audio", "--image", str(_png(tmp_path / "p.png")), "--tokenizers",
+                       str(other), "--out", str(tmp_path / "o.wav"))  # fmt: skip
+    assert code == 1 and "do not match" in err, err
+
+
+def test_console_script_runs(repo, tmp_path):
+    out = run_in(repo, "visual-echoes", "image2audio", "--image", str(_png(tmp_path / "p.png")),
+                 "--out", str(tmp_path / "p.wav"), *FAST)  # fmt: skip
+    assert "image2audio: 1 file(s)" in out and (tmp_path / "p.wav").exists()
+
+
+def test_ray_data_generation_matches_the_generator(repo):
+    import ray
+
+    from pipeline.config import load_params
+    from pipeline.data.extract import iter_examples
+    from pipeline.inference.generate import GenerateBatch, Generator
+    from pipeline.tokenizers.batch_tokenize import ray_session
+
+    cfg = load_params(repo / "params.yaml").generate
+    cfg_dict = {**cfg.__dict__, "steps": 3, "device": "cpu"}
+    examples = list(iter_examples(repo / "data/extract", "test"))[:2]
+    frames = np.stack([e.frames[len(e.frames) // 2] for e in examples])
+    args = (str(repo / "models/transformer"), str(repo / "models/tokenizers"), cfg_dict,
+            "image2audio")  # fmt: skip
+    with ray_session():
+        ds = ray.data.from_items([{"image": f} for f in frames])
+        rows = ds.map_batches(
+            GenerateBatch, fn_constructor_args=args, batch_size=2,
+            compute=ray.data.ActorPoolStrategy(size=1),
+        ).take_all()  # fmt: skip
+    from pipeline.config import GenerateConfig
+
+    direct = Generator(args[0], args[1], GenerateConfig(**cfg_dict), "cpu").run(
+        "image2audio", frames
+    )
+    # Same ids; the decoded mels agree to float rounding (the actor runs other thread counts).
+    assert np.array_equal(np.stack([r["gen_audio_ids"] for r in rows]), direct.ids["audio"])
+    assert np.allclose(np.stack([r["gen_mel"] for r in rows]), direct.mels, atol=1e-5)
