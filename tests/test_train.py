@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from pipeline.config import load_params
-from pipeline.data.token_dataset import StepSampler, TokenSplit, eval_frame, token_layout
+from pipeline.data.token_dataset import StepSampler, TokenSplit, eval_frame
 from pipeline.devices import choose_precision
 from pipeline.errors import PipelineError
 from pipeline.models.transformer import AudioVisualTransformer
+from pipeline.tokenizers.batch_tokenize import load_token_meta
 from pipeline.training.loop import FolderEnvironment, TrainError, TrainJob, run_training
 from pipeline.training.optim import lr_factor, param_groups, peak_lr
 
@@ -49,7 +50,7 @@ def tokens(tmp_path_factory, make_token_dir) -> Path:
 
 
 def _job(tokens: Path, **train) -> TrainJob:
-    layout, _ = token_layout(tokens)
+    layout, _ = load_token_meta(tokens)
     cfg = dataclasses.replace(TINY_TRAIN, **train)
     return TrainJob(TINY_MODEL, cfg, layout.to_dict(), str(tokens), seed=7, fingerprint="f")
 
@@ -106,7 +107,7 @@ def test_lr_warms_up_linearly_then_follows_a_cosine():
 
 
 def test_no_weight_decay_on_norms_and_biases(tokens):
-    layout, _ = token_layout(tokens)
+    layout, _ = load_token_meta(tokens)
     model = AudioVisualTransformer(TINY_MODEL, layout)
     decay, no_decay = param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}

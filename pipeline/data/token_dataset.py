@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.tokenizers.batch_tokenize import load_token_meta, read_split
-from pipeline.tokenizers.layout import TokenLayout
+from pipeline.tokenizers.batch_tokenize import read_split
 
 
 def eval_frame(num_frames: int) -> int:
@@ -100,10 +99,13 @@ class StepSampler:
     def indices(self, step: int) -> torch.Tensor:
         """This worker's clip indices at `step`."""
         first = step * self.batch_size + self.rank * self.local_batch
-        out = []
-        for k in range(first, first + self.local_batch):
-            out.append(self._perm(k // self.n)[k % self.n])
-        return torch.stack(out)
+        k = torch.arange(first, first + self.local_batch)
+        epochs = k.div(self.n, rounding_mode="floor")
+        out = torch.empty_like(k)
+        for epoch in epochs.unique().tolist():  # one, or two at an epoch boundary
+            here = epochs == epoch
+            out[here] = self._perm(epoch)[k[here] % self.n]
+        return out
 
     def batch(self, split: TokenSplit, step: int) -> dict[str, torch.Tensor]:
         """This worker's ids at `step`: one random frame of each clip."""
@@ -111,8 +113,3 @@ class StepSampler:
         g = torch.Generator().manual_seed(step_seed(self.seed, step, self.rank, stream=2))
         frames = torch.randint(split.num_frames, (len(index),), generator=g)
         return split.take(index, frames)
-
-
-def token_layout(tokens_dir: str | Path) -> tuple[TokenLayout, dict]:
-    """The TokenLayout of the tokens (from their meta.json), and that meta."""
-    return load_token_meta(Path(tokens_dir))

@@ -26,7 +26,7 @@ from pipeline.inference.scheduler import Unmasker, UnmaskingScheduler
 from pipeline.inference.tasks import TaskSpec, task
 from pipeline.models.saved import load_transformer
 from pipeline.tokenizers.layout import MODALITIES, TokenLayout
-from pipeline.tokenizers.tokenizer import Tokenizer
+from pipeline.tokenizers.tokenizer import load_tokenizers
 from pipeline.tokenizers.vocoder import Vocoder
 
 log = logging.getLogger(__name__)
@@ -52,19 +52,6 @@ class Generation:
     sample_rate: int
 
 
-def _load_tokenizers(folder: Path, device: torch.device) -> dict[str, Tokenizer]:
-    out = {}
-    for m in MODALITIES:
-        try:
-            out[m] = Tokenizer.load(folder / m, device)
-        except (checkpoint.CheckpointError, FileNotFoundError, KeyError) as err:
-            raise GenerateError(
-                f"{folder / m} is not a tokenizer folder ({err}); point --tokenizers at the "
-                "tokenizers stage output (models/tokenizers)"
-            ) from None
-    return out
-
-
 class Generator:
     def __init__(
         self,
@@ -87,7 +74,12 @@ class Generator:
             raise GenerateError(f"{transformer_dir}: cannot load the transformer ({err})") from None
         self.model = model.eval()
         self.layout = TokenLayout.from_dict(self.meta["layout"])
-        self.tokenizers = _load_tokenizers(tokenizers_dir, self.device)
+        try:
+            self.tokenizers = load_tokenizers(tokenizers_dir, self.device)
+        except (checkpoint.CheckpointError, KeyError) as err:
+            raise GenerateError(
+                f"{err}; point --tokenizers at the tokenizers stage output (models/tokenizers)"
+            ) from None
         theirs = TokenLayout(
             audio=self.tokenizers["audio"].layout(), image=self.tokenizers["image"].layout()
         )

@@ -69,12 +69,13 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import io
+from pipeline import checkpoint, io
 from pipeline.config import TokenizeConfig
 from pipeline.data import extract
+from pipeline.devices import usable_cores
 from pipeline.errors import PipelineError
 from pipeline.tokenizers.layout import TokenLayout
-from pipeline.tokenizers.tokenizer import Tokenizer
+from pipeline.tokenizers.tokenizer import Tokenizer, load_tokenizers
 
 log = logging.getLogger(__name__)
 
@@ -383,11 +384,7 @@ def _check_gpus(cfg: TokenizeConfig) -> None:
 
 
 def _cpu_threads(num_actors: int) -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // num_actors)
+    return max(1, usable_cores() // num_actors)
 
 
 def _dataset(cfg: TokenizeConfig, paths: list[str], tokenizers_dir: Path, mel_shape: list[int]):
@@ -607,22 +604,6 @@ def _tokenizer_record(folder: Path, tok: Tokenizer) -> dict[str, Any]:
     return record
 
 
-def _load_tokenizers(tokenizers_dir: Path) -> dict[str, Tokenizer]:
-    toks = {}
-    for modality in MODALITIES:
-        folder = tokenizers_dir / modality
-        if not (folder / "meta.json").is_file():
-            raise TokenizeError(
-                f"{folder} is not a tokenizer folder; run the tokenizers stage first"
-            )
-        toks[modality] = Tokenizer.load(folder, "cpu")
-        if toks[modality].modality != modality:
-            raise TokenizeError(
-                f"{folder} holds the {toks[modality].modality} tokenizer, not the {modality} one"
-            )
-    return toks
-
-
 def _check_inputs(meta: dict[str, Any], toks: dict[str, Tokenizer]) -> None:
     """The tokenizers must eat what extract wrote, and their ids must fit uint16."""
     _, height, width, _ = meta["frames"]["shape"]
@@ -678,7 +659,10 @@ def run_tokenize(
     extract_dir, tokenizers_dir = Path(extract_dir).resolve(), Path(tokenizers_dir).resolve()
     out_dir, cache_dir = Path(out_dir), Path(cache_dir)
     meta_in = _extract_meta(extract_dir)
-    toks = _load_tokenizers(tokenizers_dir)
+    try:
+        toks = load_tokenizers(tokenizers_dir)
+    except checkpoint.CheckpointError as err:
+        raise TokenizeError(str(err)) from None
     _check_inputs(meta_in, toks)
     layout = TokenLayout(audio=toks["audio"].layout(), image=toks["image"].layout())
     num_frames = int(meta_in["num_frames"])

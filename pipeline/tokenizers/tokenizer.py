@@ -123,3 +123,23 @@ class Tokenizer:
         checkpoint.load_into(model, state, f"{meta['modality']} tokenizer", drop_prefixes=())
         spec = InputSpec(meta["input"]["kind"], tuple(meta["input"]["shape"]))
         return cls(meta["modality"], model.to(device), spec, meta)
+
+
+def load_tokenizers(folder: str | Path, device: str | torch.device = "cpu") -> dict[str, Tokenizer]:
+    """Both tokenizers of a `tokenizers` stage output, {"image": ..., "audio": ...}.
+
+    A missing folder, or one holding the other modality, is a `CheckpointError` in one sentence.
+    """
+    out = {}
+    for modality in ("image", "audio"):
+        sub = Path(folder) / modality
+        if not (sub / checkpoint.META_NAME).is_file():
+            raise checkpoint.CheckpointError(
+                f"{sub} is not a tokenizer folder; run the tokenizers stage first"
+            )
+        out[modality] = Tokenizer.load(sub, device)
+        if out[modality].modality != modality:
+            raise checkpoint.CheckpointError(
+                f"{sub} holds the {out[modality].modality} tokenizer, not the {modality} one"
+            )
+    return out

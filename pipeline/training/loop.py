@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -319,9 +320,7 @@ class FolderEnvironment:
             return
         save_state(Path(self.folder) / f"checkpoint_{state['step']:08d}", state)
         for old in sorted(Path(self.folder).glob("checkpoint_*"))[: -self.keep]:
-            for f in old.iterdir():
-                f.unlink()
-            old.rmdir()
+            shutil.rmtree(old)
 
 
 def save_state(folder: Path, state: dict[str, Any]) -> Path:

@@ -19,10 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +29,10 @@ import torch
 from torch import nn
 
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.data.token_dataset import TokenSplit, token_layout
+from pipeline.data.token_dataset import TokenSplit
+from pipeline.devices import usable_cores
 from pipeline.errors import PipelineError
-from pipeline.tokenizers.batch_tokenize import ray_session
+from pipeline.tokenizers.batch_tokenize import load_token_meta, ray_session
 from pipeline.training import reports
 from pipeline.training.loop import (
     FolderEnvironment,
@@ -184,10 +184,7 @@ def _scaling(cfg: TrainConfig):
 
 
 def _threads(cfg: TrainConfig) -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     if cfg.num_workers == 0:
         return cores
     return max(1, min(int(cfg.cpus_per_worker), cores // cfg.num_workers))
@@ -272,7 +269,7 @@ def run_train(
 ) -> TrainSummary:
     """Train (or resume) the transformer on `tokens_dir`; export to `out_dir` (see module doc)."""
     start = time.monotonic()
-    layout, tokens_meta = token_layout(tokens_dir)
+    layout, tokens_meta = load_token_meta(Path(tokens_dir))
     digest = fingerprint(model_cfg, train_cfg, tokens_meta, seed)
     name = run_name(train_cfg, digest)
     storage = storage_uri(train_cfg.storage_path)
@@ -310,8 +307,3 @@ def run_train(
         metrics=final,
         out_dir=str(out_dir),
     )
-
-
-def with_steps(cfg: TrainConfig, steps: int) -> TrainConfig:
-    """`cfg` with a different step count (benchmarks, tests)."""
-    return replace(cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, steps))

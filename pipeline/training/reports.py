@@ -51,12 +51,12 @@ def figure_ratio(masking: MaskingConfig) -> float:
 
 def load_tokenizers(folder: str | Path) -> dict[str, Any] | None:
     """Both tokenizers on CPU, or None when `folder` lacks them (figures are then skipped)."""
-    from pipeline.tokenizers.tokenizer import Tokenizer
+    from pipeline.tokenizers.tokenizer import load_tokenizers as load
 
     folder = Path(folder)
     if not all((folder / m / checkpoint.META_NAME).is_file() for m in ("audio", "image")):
         return None
-    return {m: Tokenizer.load(folder / m) for m in ("audio", "image")}
+    return load(folder)
 
 
 class WorkerHooks:
