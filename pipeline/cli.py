@@ -7,6 +7,7 @@ visual-echoes audio2image --audio bark.wav --out bark.png
 visual-echoes cogenerate --samples 4 --out generated/
 visual-echoes inpaint-audio --image cat.jpg --audio cat.wav --start 3 --end 5 --out fixed.wav
 visual-echoes inpaint-image --audio bark.wav --image dog.png --box 4 12 4 12 --out fixed.png
+visual-echoes compare --sort fd              table of MLflow runs (evaluate + sweep trials)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.compare import add_subcommand as add_compare
 from pipeline.errors import PipelineError
 from pipeline.inference.command import add_subcommands
 
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--params", default="params.yaml")
     c.set_defaults(func=_check)
     add_subcommands(sub)
+    add_compare(sub)
     return parser
 
 

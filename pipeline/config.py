@@ -55,6 +55,7 @@ class PathsConfig:
     tokenizers: str = doc("tokenizers output: image/ and audio/ checkpoint folders (+ vocoder/).")
     tokens: str = doc("tokenize output: {train,test}/part-NNNNN.parquet of ids + meta.json.")
     transformer: str = doc("train output: the transformer's weights.pt + meta.json.")
+    evaluator: str = doc("evaluator output: the offline evaluator's weights.pt + meta.json.")
     cache: str = doc("Scratch space for resumable work; never a DVC output.")
     reports: str = doc("Per-stage reports (summaries, plots) that DVC tracks as metrics/plots.")
 
@@ -357,6 +358,13 @@ class ModelConfig:
         "Recompute block activations in the backward pass (less memory, ~30% more compute)."
     )
 
+    pos_init: Literal["random", "sincos"] = doc(
+        "Initial value of the (learnable) positional embeddings: N(0, 0.02) as in the paper, or"
+        " 2-D sin-cos over each modality's grid (rows, columns), which short CPU runs learn from"
+        " much faster.",
+        default="random",
+    )
+
     def __post_init__(self) -> None:
         for width, heads, name in (
             (self.embed_dim, self.num_heads, "num_heads"),
@@ -383,8 +391,14 @@ class MaskingConfig:
     drop_ratio: float = doc(
         "Fraction of each modality's positions removed before the encoder, masked or not (0.5)."
     )
+    conditional: float = doc(
+        "Not in the paper (0 there): fraction of samples trained as pure conditional generation,"
+        " one modality (audio or image, evenly) fully masked and the other fully visible.",
+        default=0.0,
+    )
 
     def __post_init__(self) -> None:
+        _check(0 <= self.conditional <= 1, "conditional", "must be in [0, 1]")
         _check(0 < self.low < self.high <= 1, "low", "must satisfy 0 < low < high <= 1")
         _check(self.std > 0, "std", "must be positive")
         _check(0 <= self.drop_ratio < 1, "drop_ratio", "must be in [0, 1)")
@@ -477,12 +491,119 @@ class GenerateConfig:
     device: Literal["auto", "cpu", "cuda"] = doc(
         "Where generation runs: auto picks cuda if present."
     )
+    drop_ratio: float = doc(
+        "Share of each modality's positions hidden from the encoder at each step, at random, as"
+        " train.masking.drop_ratio does in training (0: the full sequence, as in the paper).",
+        default=0.0,
+    )
 
     def __post_init__(self) -> None:
         _check(1 <= self.steps <= 1000, "steps", "must be between 1 and 1000")
         _check(self.temperature >= 0, "temperature", "must not be negative")
         _check(self.guidance >= 0, "guidance", "must not be negative (1: no guidance)")
         _check(self.batch_size >= 1, "batch_size", "must be at least 1")
+        _check(0 <= self.drop_ratio < 1, "drop_ratio", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class OfficialExtractorsConfig:
+    """Local paths of the checkpoints behind the paper's numbers (never downloaded)."""
+
+    panns_cnn14_16k: str = doc("Cnn14_16k_mAP=0.438.pth: FD (2048-d) and IS (527 logits).")
+    vggish: str = doc("vggish-10086976.pth: FAD on 128-d frame embeddings.")
+    clip_vit_b32: str = doc("OpenAI ViT-B-32.pt: the image side of CS.")
+    wav2clip: str = doc("Wav2CLIP.pt: the audio side of CS.")
+
+
+@dataclass(frozen=True)
+class EvaluatorConfig:
+    """The offline evaluator trained on the extracted train split (pipeline.evaluation.local)."""
+
+    device: Literal["auto", "cpu", "cuda"] = doc("Where it trains and runs.")
+    per_label: int = doc("At most this many train clips per label (0: all).")
+    codec_augment: bool = doc(
+        "Also train on VQGAN reconstructions of the inputs, as generated samples are decodes."
+    )
+    embed_dim: int = doc("Width of the classifiers' penultimate embedding (FD features).")
+    epochs: int = doc("Classifier training epochs.")
+    batch_size: int = doc("Classifier batch size.")
+    lr: float = doc("AdamW peak learning rate (cosine decay), classifiers and heads.")
+    weight_decay: float = doc("AdamW weight decay.")
+    joint_dim: int = doc("Dimension of the shared image-audio space (CS-style score).")
+    joint_epochs: int = doc("Contrastive head training epochs.")
+    joint_batch_size: int = doc("Pairs per InfoNCE batch.")
+    joint_temperature: float = doc("InfoNCE temperature.")
+    official: OfficialExtractorsConfig = doc("Paper-protocol extractors, when their files exist.")
+
+    def __post_init__(self) -> None:
+        _check(self.per_label >= 0, "per_label", "must not be negative")
+        for name in ("embed_dim", "epochs", "batch_size", "joint_dim", "joint_batch_size"):
+            _check(getattr(self, name) >= 1, name, "must be at least 1")
+        _check(self.joint_epochs >= 0, "joint_epochs", "must not be negative")
+        _check(0 < self.lr < 1, "lr", "must be in (0, 1)")
+        _check(self.weight_decay >= 0, "weight_decay", "must not be negative")
+        _check(self.joint_temperature > 0, "joint_temperature", "must be positive")
+
+
+EVAL_TASKS = ("image2audio", "audio2image", "cogenerate")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The `evaluate` stage: generation on the test split, metrics, samples (paper §4)."""
+
+    tasks: tuple[str, ...] = doc("Among image2audio, audio2image, cogenerate.")
+    guidance: tuple[float, ...] = doc(
+        "CFG scales s to evaluate side by side; the first is the headline (paper: 3)."
+    )
+    max_clips: int = doc("Test clips to generate for (0: the whole test split).")
+    cogenerate_samples: int = doc("Pairs co-generated from nothing, when cogenerate is asked.")
+    samples: int = doc("Clips whose WAV and PNG are kept as examples.")
+    figure_clips: int = doc("Rows of the Fig. 6-style figure.")
+    num_actors: int = doc("Ray Data generation actors.")
+    num_gpus_per_actor: float = doc("GPUs per generation actor (0 on CPU).")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.tasks), "tasks", "must name at least one task")
+        for t in self.tasks:
+            _check(t in EVAL_TASKS, "tasks", f"{t!r} is not one of {', '.join(EVAL_TASKS)}")
+        _check(
+            bool(self.guidance) and all(s >= 0 for s in self.guidance),
+            "guidance",
+            "must be a non-empty list of non-negative scales",
+        )
+        for name in ("max_clips", "cogenerate_samples", "samples", "figure_clips"):
+            _check(getattr(self, name) >= 0, name, "must not be negative")
+        _check(self.num_actors >= 1, "num_actors", "must be at least 1")
+        _check(self.num_gpus_per_actor >= 0, "num_gpus_per_actor", "must not be negative")
+
+
+SWEEP_METRICS = ("acc_local", "fd_local", "is_local", "cs_local")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The `sweep` stage: a Ray Tune grid over the inference settings (paper Figs. 3-4)."""
+
+    temperature: tuple[float, ...] = doc("Grid of T.")
+    steps: tuple[int, ...] = doc("Grid of N.")
+    guidance: tuple[float, ...] = doc("Grid of s.")
+    clips: int = doc("Test clips each trial generates for (the first, in clip_id order).")
+    metric: str = doc("The metric that picks the best setting (a key of a trial's result).")
+    mode: Literal["min", "max"] = doc("Whether the metric is better low or high.")
+    cpus_per_trial: float = doc("CPUs each Ray Tune trial reserves.")
+    gpus_per_trial: float = doc("GPUs each trial reserves (0 on CPU).")
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "steps", "guidance"):
+            _check(bool(getattr(self, name)), name, "must list at least one value")
+        _check(all(n >= 1 for n in self.steps), "steps", "must all be at least 1")
+        _check(self.clips >= 1, "clips", "must be at least 1")
+        _check(self.metric in SWEEP_METRICS, "metric", f"must be one of {', '.join(SWEEP_METRICS)}")
+        _check(all(t >= 0 for t in self.temperature), "temperature", "must not be negative")
+        _check(all(s >= 0 for s in self.guidance), "guidance", "must not be negative")
+        _check(self.cpus_per_trial > 0, "cpus_per_trial", "must be positive")
+        _check(self.gpus_per_trial >= 0, "gpus_per_trial", "must not be negative")
 
 
 @dataclass(frozen=True)
@@ -496,6 +617,9 @@ class Params:
     model: ModelConfig
     train: TrainConfig
     generate: GenerateConfig
+    evaluator: EvaluatorConfig
+    evaluate: EvaluateConfig
+    sweep: SweepConfig
 
 
 # ------------------------------------------------------------------------------------------ loader

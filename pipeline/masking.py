@@ -101,10 +101,19 @@ def mask_for_training(
 ) -> MaskedBatch:
     """The training mask and drop for a batch of ids {"audio": (B, L_a), "image": (B, L_v)}."""
     batch = ids["audio"].shape[0]
+    target = None
+    if cfg.conditional > 0:
+        # Pure conditional samples: the target modality all masked, the condition all visible
+        # (ratio 0 still masks one position: count_for's minimum).
+        chosen = torch.rand(batch, generator=generator, dtype=torch.float64) < cfg.conditional
+        audio = torch.rand(batch, generator=generator, dtype=torch.float64) < 0.5
+        target = {"audio": chosen & audio, "image": chosen & ~audio, "any": chosen}
     masked, ratios, keep = {}, {}, []
     for m in MODALITIES:
         length = layout.modality(m).length
         ratios[m] = sample_ratios(cfg, batch, generator)
+        if target is not None:
+            ratios[m] = torch.where(target[m], 1.0, torch.where(target["any"], 0.0, ratios[m]))
         masked[m] = random_subset(batch, length, count_for(ratios[m], length), generator)
         dropped = random_subset(batch, length, drop_count(cfg.drop_ratio, length), generator)
         keep.append(~dropped)

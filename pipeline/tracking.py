@@ -9,6 +9,7 @@ does not depend on the working directory). Importing this module sets nothing; `
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -94,6 +95,11 @@ class StageRun:
         if Path(path).exists():
             self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        """Every file under `folder`, keeping the tree."""
+        if Path(folder).is_dir():
+            self._mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._mlflow.set_tags(dict(tags))
 
@@ -160,3 +166,32 @@ def stage_run(
         },
     )
     log.info("MLflow run %s in experiment %r", run.info.run_id, experiment)
+
+
+def search_runs(experiment: str, uri: str) -> list[dict[str, Any]] | None:
+    """Every run of `experiment` at `uri`, newest first, as flat dicts (`run_id`, `start_time`,
+    `params.*`, `metrics.*`, `tags.*`); None when there is no such experiment. Does not change
+    the process's tracking URI."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    out, token = [], None
+    while True:
+        page = client.search_runs(
+            [exp.experiment_id], order_by=["attributes.start_time DESC"], page_token=token
+        )
+        for run in page:
+            row: dict[str, Any] = {
+                "run_id": run.info.run_id,
+                "start_time": datetime.datetime.fromtimestamp(run.info.start_time / 1000),
+            }
+            row |= {f"params.{k}": v for k, v in run.data.params.items()}
+            row |= {f"metrics.{k}": v for k, v in run.data.metrics.items()}
+            row |= {f"tags.{k}": v for k, v in run.data.tags.items()}
+            out.append(row)
+        token = page.token
+        if not token:
+            return out

@@ -50,7 +50,7 @@ def test_params_yaml_loads_with_the_paper_mel_defaults():
         ),
         (lambda d: d["paths"].update(clips="/abs"), r"^paths\.clips: must be a relative path"),
         (lambda d: d["paths"].update(clips="../out"), r"^paths\.clips: must not leave"),
-        (lambda d: d.update(sweep={}), r"^sweep: is not a known key"),
+        (lambda d: d.update(sweeps={}), r"^sweeps: is not a known key"),
         (
             lambda d: d["train"].update(batch_size=3, num_workers=2),
             r"^train\.batch_size: must be a positive multiple",

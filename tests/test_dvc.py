@@ -6,6 +6,7 @@ A real DVC repository in a temporary folder, real MP4s through real ffmpeg, a re
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -25,7 +26,9 @@ def tiny_repo(tiny_project) -> Path:
     return tiny_project
 
 
-STAGES = ("download", "extract", "tokenizers", "tokenize", "train")
+STAGES = (
+    "download", "extract", "tokenizers", "tokenize", "train", "evaluator", "evaluate", "sweep",
+)  # fmt: skip
 
 
 def _ran(out: str) -> list[str]:
@@ -62,6 +65,53 @@ def test_repro_runs_the_whole_dag(tiny_repo):
     assert losses[0].startswith("step,loss,loss_audio,loss_image") and len(losses) == 3
     assert (tiny_repo / "reports/train/reconstruction.png").stat().st_size > 1000
     assert "train: 4 steps" in out
+    _check_evaluation_outputs(tiny_repo, out)
+
+
+def _check_evaluation_outputs(repo: Path, out: str) -> None:
+    evaluator = json.loads((repo / "reports/evaluator/metrics.json").read_text())
+    assert evaluator["comparable_to_paper"] is False and evaluator["test_clips"] == 4
+    assert (repo / "models/evaluator/weights.pt").is_file()
+    assert (repo / "reports/evaluator/evaluator.png").stat().st_size > 1000
+    metrics = json.loads((repo / "reports/evaluate/metrics.json").read_text())
+    assert metrics["comparable_to_paper"] is False and metrics["clips"] == 4
+    assert set(metrics["image2audio"]) == {"s3", "s1"}
+    for key in ("acc_local", "fd_local", "is_local", "cs_local"):
+        assert key in metrics["image2audio"]["s3"]
+    assert "fid_local" in metrics["audio2image"]["s1"]
+    assert "agreement_local" in metrics["cogenerate"]["free"]
+    for name in ("image2audio.png", "audio2image.png", "cogenerate.png"):
+        assert (repo / "reports/evaluate" / name).stat().st_size > 1000
+    wavs = sorted((repo / "reports/evaluate/samples/image2audio").glob("*.wav"))
+    assert len(wavs) == 2 and all(w.stat().st_size > 10_000 for w in wavs)
+    assert "evaluate: image2audio s3: accuracy" in out
+    results = (repo / "reports/sweep/results.csv").read_text().splitlines()
+    assert results[0].startswith("temperature,steps,guidance") and len(results) == 5
+    best = json.loads((repo / "reports/sweep/best.json").read_text())
+    assert best["metric"] == "fd_local" and best["steps"] in (2, 4)
+    for name in ("guidance.png", "grid.png"):
+        assert (repo / "reports/sweep" / name).stat().st_size > 1000
+
+
+def test_sweep_trials_are_child_runs_of_the_sweep_run(tiny_repo):
+    from mlflow.tracking import MlflowClient
+
+    parent = json.loads((tiny_repo / "reports/sweep/mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(f"sqlite:///{tiny_repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("visual-echoes")
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"
+    )
+    assert len(children) == 4
+    assert {(r.data.params["steps"], r.data.params["guidance"]) for r in children} == {
+        ("2", "1.0"), ("2", "3.0"), ("4", "1.0"), ("4", "3.0"),
+    }  # fmt: skip
+    assert all("fd_local" in r.data.metrics for r in children)
+    evaluate = json.loads((tiny_repo / "reports/evaluate/mlflow_run.json").read_text())["run_id"]
+    tags = client.get_run(evaluate).data.tags
+    assert tags["stage"] == "evaluate" and tags["git_commit"] and tags["train_run"]
+    out = _run(tiny_repo, "visual-echoes", "compare", "--sort", "fd")
+    assert out.count("sweep-trial") == 4 and "evaluate" in out
 
 
 def test_second_repro_runs_nothing(tiny_repo):
@@ -88,7 +138,7 @@ def test_train_logged_curves_and_figures_to_mlflow(tiny_repo):
 def test_changing_a_logging_param_reruns_only_train_and_resumes(tiny_repo):
     params = tiny_repo / "params.yaml"
     params.write_text(params.read_text().replace("log_every: 2", "log_every: 1"))
-    out = _run(tiny_repo, "dvc", "repro")
+    out = _run(tiny_repo, "dvc", "repro", "train")
     assert _ran(out) == ["train"]
     # Same optimisation, same auto run name: the finished run's last checkpoint is reused.
     assert "train: 4 steps, resumed at step 4" in out
@@ -97,7 +147,7 @@ def test_changing_a_logging_param_reruns_only_train_and_resumes(tiny_repo):
 def test_changing_a_tokenize_param_reruns_tokenize_and_train(tiny_repo):
     params = tiny_repo / "params.yaml"
     params.write_text(params.read_text().replace("rows_per_file: 5", "rows_per_file: 4"))
-    out = _run(tiny_repo, "dvc", "repro")
+    out = _run(tiny_repo, "dvc", "repro", "train")
     assert _ran(out) == ["tokenize", "train"]
     rows = pq.read_table(tiny_repo / "data/tokens/train/part-00000.parquet").num_rows
     assert rows == 4
@@ -109,7 +159,18 @@ def test_changing_an_extract_param_reruns_extract_and_what_follows(tiny_repo):
     manifest = tiny_repo / "data/clips/manifest.parquet"
     before = manifest.stat().st_mtime_ns
     out = _run(tiny_repo, "dvc", "repro")
-    assert _ran(out) == ["extract", "tokenizers", "tokenize", "train"]
+    assert _ran(out) == list(STAGES[1:])
     assert manifest.stat().st_mtime_ns == before
     status = _run(tiny_repo, "dvc", "status")
     assert "changed" not in status
+
+
+def test_changing_an_evaluate_param_reruns_only_evaluate(tiny_repo):
+    params = tiny_repo / "params.yaml"
+    text, n = re.subn(r"^(  samples:) 2\b", r"\1 1", params.read_text(), flags=re.M)
+    assert n == 1
+    params.write_text(text)
+    out = _run(tiny_repo, "dvc", "repro")
+    assert _ran(out) == ["evaluate"]
+    wavs = list((tiny_repo / "reports/evaluate/samples/image2audio").glob("*.wav"))
+    assert len(wavs) == 1  # the samples folder is replaced, not added to

@@ -108,3 +108,26 @@ def test_counts_and_subsets():
     # Uniform over positions: each of 10 positions is chosen about 40% of the time.
     many = random_subset(20_000, 10, 4, torch.Generator().manual_seed(1)).float().mean(0)
     assert np.allclose(many.numpy(), 0.4, atol=0.02)
+
+
+def test_conditional_samples_mask_one_modality_fully_and_show_the_other():
+    """masking.conditional 0.5 (not in the paper): about half the samples are pure audio→image
+    or image→audio, split evenly; the rest follow the truncated Gaussian; 0 keeps the paper's
+    random stream unchanged."""
+    cfg = MaskingConfig(mean=0.7, std=0.25, low=0.2, high=1.0, drop_ratio=0.5, conditional=0.5)
+    batch = mask_for_training(LAYOUT, _ids(4000), cfg, torch.Generator().manual_seed(0))
+    full = {m: batch.masked[m].all(1) for m in ("audio", "image")}
+    one = {m: batch.masked[m].sum(1) == 1 for m in ("audio", "image")}
+    audio_target = full["audio"] & one["image"]
+    image_target = full["image"] & one["audio"]
+    assert 0.22 < audio_target.float().mean() < 0.28
+    assert 0.22 < image_target.float().mean() < 0.28
+    rest = ~(audio_target | image_target)
+    assert (batch.ratios["audio"][rest] >= 0.2).all() and (batch.ratios["image"][rest] >= 0.2).all()
+    # The drop is untouched: still half of each modality.
+    assert (batch.keep[:, : LAYOUT.audio.length].sum(1) == LAYOUT.audio.length // 2).all()
+
+    plain = mask_for_training(LAYOUT, _ids(8), PAPER, torch.Generator().manual_seed(3))
+    zero = MaskingConfig(mean=0.7, std=0.25, low=0.2, high=1.0, drop_ratio=0.5, conditional=0.0)
+    same = mask_for_training(LAYOUT, _ids(8), zero, torch.Generator().manual_seed(3))
+    assert all(torch.equal(plain.masked[m], same.masked[m]) for m in ("audio", "image"))

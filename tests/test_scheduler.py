@@ -185,3 +185,34 @@ def test_task_specs():
     with pytest.raises(ValueError):
         time_columns(LAYOUT.audio, 0.5, 0.5)
     assert dataclasses.is_dataclass(task("image2audio", LAYOUT))
+
+
+def test_drop_ratio_hides_half_of_each_modality_from_the_encoder_reproducibly():
+    """generate.drop_ratio 0.5: each call of the model gets a `keep` with ceil-half of each
+    modality dropped, drawn from the run's generator (same seed, same drops, same output)."""
+    seen = []
+
+    class Recorder(nn.Module):
+        def forward(self, audio_ids, image_ids, keep=None):
+            seen.append(keep)
+            b = audio_ids.shape[0]
+            return torch.randn(b, 12, 16), torch.randn(b, 9, 12)
+
+    def run(seed):
+        torch.manual_seed(0)
+        unmasker = Unmasker(Recorder(), LAYOUT, UnmaskingScheduler(3, 1.0, 3.0, drop_ratio=0.5))
+        spec = task("image2audio", LAYOUT)
+        return unmasker.run(
+            _ids(2), spec.batch_known(2, torch.device("cpu")),
+            torch.Generator().manual_seed(seed), spec.condition,
+        )  # fmt: skip
+
+    first = run(7)
+    assert len(seen) == 3
+    for keep in seen:
+        assert keep.shape == (4, 12 + 9)  # CFG: conditional + unconditional rows
+        assert (keep[:, :12].sum(1) == 6).all() and (keep[:, 12:].sum(1) == 4).all()
+    assert not torch.equal(seen[0], seen[1])
+    again = run(7)
+    assert all(torch.equal(a, b) for a, b in zip(seen[:3], seen[3:6], strict=True))
+    assert torch.equal(first["audio"], again["audio"])

@@ -174,7 +174,7 @@ def test_a_checkpoint_from_other_params_is_refused(tokens, tmp_path):
 
 
 def test_loss_falls_on_structured_tokens(tokens, tmp_path):
-    job = _job(tokens, steps=160, base_lr=0.2, log_every=40, eval_every=160, checkpoint_every=160)
+    job = _job(tokens, steps=160, base_lr=0.2, log_every=20, eval_every=160, checkpoint_every=160)
     job = dataclasses.replace(
         job, model=dataclasses.replace(TINY_MODEL, dropout=0.0, attn_dropout=0.0)
     )

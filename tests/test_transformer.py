@@ -167,3 +167,18 @@ def test_paper_training_flops_match_the_reference_count():
     assert flops.encoder / 1e9 == pytest.approx(164.3, rel=0.01)
     assert flops.training / 1e9 == pytest.approx(843, rel=0.01)
     assert flops_per_sample(PAPER_MODEL, paper, 0.0).forward / 1e9 == pytest.approx(458, rel=0.01)
+
+
+def test_sincos_position_init_encodes_each_grid_row_and_column():
+    from pipeline.models.transformer import grid_sincos
+
+    table = grid_sincos(LAYOUT, 32)
+    assert table.shape == (LAYOUT.seq_len, 32)
+    audio = table[: LAYOUT.audio.length].reshape(2, 6, 32)
+    # Row channels (first half) equal along a row, column channels equal down a column.
+    assert torch.allclose(audio[0, 0, :16], audio[0, 5, :16])
+    assert torch.allclose(audio[0, 3, 16:], audio[1, 3, 16:])
+    assert not torch.allclose(audio[0, 0], audio[1, 0])
+    model = _model(dataclasses.replace(TINY, pos_init="sincos"))
+    assert torch.allclose(model.pos_embed[0], grid_sincos(LAYOUT, TINY.embed_dim))
+    assert model.pos_embed.requires_grad  # an initial value, still learned

@@ -103,7 +103,7 @@ class Generator:
 
     def unmasker(self, cfg: GenerateConfig | None = None) -> Unmasker:
         cfg = cfg or self.cfg
-        scheduler = UnmaskingScheduler(cfg.steps, cfg.temperature, cfg.guidance)
+        scheduler = UnmaskingScheduler(cfg.steps, cfg.temperature, cfg.guidance, cfg.drop_ratio)
         return Unmasker(self.model, self.layout, scheduler, self.precision)
 
     def encode(self, images: np.ndarray | None, mels: np.ndarray | None, n: int) -> dict:
@@ -144,14 +144,20 @@ class Generator:
         bar.close()
         return {m: np.concatenate(v) for m, v in out.items()}
 
-    def decode(self, task_name: str, ids: dict[str, np.ndarray], seed: int) -> Generation:
+    def decode(
+        self, task_name: str, ids: dict[str, np.ndarray], seed: int, vocode: bool = True
+    ) -> Generation:
+        """ids → images, mels and (when `vocode`) waveforms; `waves` is (n, 0) otherwise."""
         images, mels = [], []
         for start in range(0, len(ids["audio"]), self.cfg.batch_size):
             sl = slice(start, start + self.cfg.batch_size)
             images.append(self.tokenizers["image"].decode(ids["image"][sl]))
             mels.append(self.tokenizers["audio"].decode(ids["audio"][sl]))
         mel = np.concatenate(mels)
-        waves = np.stack([self.vocoder(m, seed=seed) for m in mel])
+        if vocode:
+            waves = np.stack([self.vocoder(m, seed=seed) for m in mel])
+        else:
+            waves = np.zeros((len(mel), 0), np.float32)
         return Generation(
             task_name, ids, np.concatenate(images), mel, waves, self.vocoder.mel.sample_rate
         )
@@ -166,6 +172,7 @@ class Generator:
         audio_span: tuple[float, float] | None = None,
         image_box: tuple[tuple[int, int], tuple[int, int]] | None = None,
         progress: bool = False,
+        vocode: bool = True,
     ) -> Generation:
         """Generate for every input (`images` (n, S, S, 3) uint8, `mels` (n, F, T) in [0, 1],
         as the task needs) `samples` times; co-generation takes no input (n = 1)."""
@@ -175,7 +182,7 @@ class Generator:
         ids = self.encode(images, mels, n)
         ids = {m: np.repeat(v, samples, axis=0) for m, v in ids.items()}
         filled = self.fill(spec, ids, seed, progress)
-        return self.decode(task_name, filled, seed)
+        return self.decode(task_name, filled, seed, vocode)
 
 
 def _describe(layout: TokenLayout) -> str:
@@ -187,8 +194,12 @@ def _describe(layout: TokenLayout) -> str:
 
 class GenerateBatch:
     """Ray Data callable class: loads a Generator once per actor; a batch of `image` frames
-    (uint8, (B, S, S, 3)) and/or `mel`s in; `gen_image`, `gen_mel`, `gen_wave` and the ids
-    `gen_audio_ids`, `gen_image_ids` out."""
+    (uint8, (B, S, S, 3)) and/or `mel`s in; `gen_image`, `gen_mel`, `gen_wave` (empty rows when
+    `vocode` is false) and the ids `gen_audio_ids`, `gen_image_ids` out.
+
+    A batch with a `row` column is seeded with `seed + row[0]`, so batches draw different noise
+    and a rerun gives the same samples; co-generation takes a batch of `row`s only and makes one
+    pair per row."""
 
     def __init__(
         self,
@@ -198,14 +209,22 @@ class GenerateBatch:
         task_name: str,
         seed: int = 0,
         device: str | None = None,
+        vocode: bool = True,
     ) -> None:
         self.generator = Generator(transformer_dir, tokenizers_dir, GenerateConfig(**cfg), device)
-        self.task_name, self.seed = task_name, seed
+        self.task_name, self.seed, self.vocode = task_name, seed, vocode
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = np.stack(batch["image"]) if "image" in batch else None
         mels = np.stack(batch["mel"]).astype(np.float32) if "mel" in batch else None
-        out = self.generator.run(self.task_name, images, mels, seed=self.seed)
+        rows = batch.get("row")
+        seed = self.seed + (int(rows[0]) if rows is not None and len(rows) else 0)
+        samples = 1
+        if images is None and mels is None:
+            samples = len(rows) if rows is not None else 1
+        out = self.generator.run(
+            self.task_name, images, mels, samples=samples, seed=seed, vocode=self.vocode
+        )
         return batch | {
             "gen_image": out.images,
             "gen_mel": out.mels,

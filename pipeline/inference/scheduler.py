@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.devices import autocast
-from pipeline.masking import cosine_schedule
+from pipeline.masking import cosine_schedule, drop_count, random_subset
 from pipeline.tokenizers.layout import MODALITIES, TokenLayout
 
 Ids = dict[str, torch.Tensor]
@@ -62,11 +62,13 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tens
 
 @dataclass(frozen=True)
 class UnmaskingScheduler:
-    """N steps, temperature T, guidance s (1: off)."""
+    """N steps, temperature T, guidance s (1: off); `drop_ratio`: fraction of each modality's
+    positions hidden from the encoder at every step, at random, as in training (0: none)."""
 
     steps: int
     temperature: float
     guidance: float = 1.0
+    drop_ratio: float = 0.0
 
     def noise_scale(self, step: int) -> float:
         """T·(1 − r): the Gumbel scale on the confidence at `step`."""
@@ -76,8 +78,10 @@ class UnmaskingScheduler:
 class Unmasker:
     """Runs a scheduler against a model: `model(audio_ids, image_ids)` -> (audio, image) logits.
 
-    The model is only called through its public forward, on the full sequence (nothing
-    dropped). `precision` is the autocast precision ("fp32", "bf16", "fp16").
+    The model is only called through its public forward: on the full sequence, or with
+    `keep` hiding `scheduler.drop_ratio` of each modality from the encoder (the training-time
+    drop; the decoder still predicts every position). `precision` is the autocast precision
+    ("fp32", "bf16", "fp16").
     """
 
     def __init__(
@@ -101,8 +105,21 @@ class Unmasker:
             for m in MODALITIES
         }
 
+    def keep(self, batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """(B, L_a + L_v) bool: the positions the encoder sees at one step."""
+        parts = []
+        for m in MODALITIES:
+            length = self.layout.modality(m).length
+            dropped = random_subset(
+                batch, length, drop_count(self.scheduler.drop_ratio, length), generator
+            )
+            parts.append(~dropped.to(device))
+        return torch.cat(parts, dim=1)
+
     @torch.no_grad()
-    def logits(self, tokens: Ids, condition: str | None) -> Ids:
+    def logits(
+        self, tokens: Ids, condition: str | None, generator: torch.Generator | None = None
+    ) -> Ids:
         """Per-modality float32 logits; guided when `condition` is set and s != 1."""
         s = self.scheduler.guidance
         use_cfg = condition is not None and not math.isclose(s, 1.0)
@@ -115,8 +132,14 @@ class Unmasker:
                 for m in MODALITIES
             }
         device = inputs["audio"].device
+        keep = None
+        if self.scheduler.drop_ratio > 0:
+            if generator is None:
+                raise ValueError("a drop_ratio > 0 needs the generator that draws the drop")
+            keep = self.keep(inputs["audio"].shape[0], generator, device)
         with autocast(device, self.precision):
-            out = self.model(inputs["audio"], inputs["image"])
+            args = (inputs["audio"], inputs["image"]) + ((keep,) if keep is not None else ())
+            out = self.model(*args)
         logits = {m: x.float() for m, x in zip(MODALITIES, out, strict=True)}
         if use_cfg:
             logits = {m: guided(*x.chunk(2), s) for m, x in logits.items()}
@@ -146,7 +169,7 @@ class Unmasker:
         unknown_start = sum((~known[m]).sum(1) for m in MODALITIES)
         try:
             for step in range(self.scheduler.steps):
-                logits = self.logits(tokens, condition)
+                logits = self.logits(tokens, condition, generator)
                 sampled, confidence, unknown = [], [], []
                 for m in MODALITIES:
                     logp = F.log_softmax(logits[m], dim=-1)

@@ -153,6 +153,10 @@ class AudioVisualTransformer(nn.Module):
             nn.init.normal_(p, std=0.02)
         for bias in self.head_bias.values():
             nn.init.zeros_(bias)
+        if self.cfg.pos_init == "sincos":
+            with torch.no_grad():
+                for table in (self.pos_embed, self.decoder_pos_embed):
+                    table.copy_(grid_sincos(self.layout, table.shape[-1]).unsqueeze(0))
 
     def forward(
         self,
@@ -194,6 +198,27 @@ class AudioVisualTransformer(nn.Module):
                 table = table.detach()
             logits.append(h[:, self.layout.span(m)] @ table.t() + self.head_bias[m])
         return logits[0], logits[1]
+
+
+def grid_sincos(layout: TokenLayout, dim: int) -> torch.Tensor:
+    """(L_a + L_v, dim) 2-D sin-cos positions (MAE's): half the channels encode the row, half
+    the column of each token in its modality's grid, frequencies 1 / 10000^(2k / (dim / 2))."""
+
+    def axis(pos: torch.Tensor, width: int) -> torch.Tensor:
+        freq = 1.0 / 10000 ** (torch.arange(width // 2, dtype=torch.float64) / (width / 2))
+        angle = pos.double()[:, None] * freq[None]
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    half = dim // 2 - (dim // 2) % 2
+    parts = []
+    for m in MODALITIES:
+        rows, cols = layout.modality(m).grid
+        r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        table = torch.zeros(rows * cols, dim, dtype=torch.float64)
+        table[:, :half] = axis(r.reshape(-1), half)
+        table[:, half : 2 * half] = axis(c.reshape(-1), half)
+        parts.append(table)
+    return torch.cat(parts).float()
 
 
 def count_parameters(model: nn.Module) -> int:

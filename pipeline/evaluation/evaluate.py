@@ -1,0 +1,418 @@
+"""The `evaluate` stage's work: generate for the test split with Ray Data, then score it.
+
+Flow, per task and CFG scale s:
+1. `ray.data.read_parquet` over the extract test shards → `decode_clips` (the middle frame, as
+   the condition, and the mel of each clip) → `GenerateBatch` actors (one Generator each, on a
+   GPU when `num_gpus_per_actor` > 0) → batches streamed back to the driver;
+2. on the driver, the offline evaluator turns each batch into embeddings, logits and joint-space
+   vectors (kept, small), and the clips picked as examples keep their samples;
+3. scores against the real test clips (`scoring`), example WAVs/PNGs and figures.
+
+Rows carry their index, so the scores do not depend on the order Ray returns batches in.
+Generation noise is seeded per batch (`seed + first row`), so a rerun gives the same samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import io
+from pipeline.config import EvaluateConfig, GenerateConfig, Params, as_dict
+from pipeline.data.extract import decode_row, load_meta
+from pipeline.data.token_dataset import eval_frame
+from pipeline.evaluation.local import NAME as LOCAL_NAME
+from pipeline.evaluation.local import LocalEvaluator, Outputs
+from pipeline.evaluation.official import OfficialMetrics
+from pipeline.evaluation.scoring import (
+    Reference,
+    reference,
+    score_audio,
+    score_image,
+    score_pairs,
+    score_reference,
+)
+from pipeline.evaluation.train_local import Clips, EvaluatorError, load_clips
+
+log = logging.getLogger(__name__)
+
+READ_COLUMNS = ["clip_id", "label", "frames", "mel"]
+
+
+@dataclass
+class TestSet:
+    """The clips evaluated: the conditioning frame (n, S, S, 3) and the mel (n, F, T) of each."""
+
+    clip_ids: list[str]
+    labels: list[str]
+    frames: np.ndarray
+    mels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.clip_ids)
+
+
+def spread(n: int, k: int) -> np.ndarray:
+    """k indices spread evenly over range(n) (all of them when k is 0 or ≥ n). Clip ids sort by
+    class in the synthetic set, so a prefix would hold one class only."""
+    if k == 0 or k >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
+
+
+def load_test_set(extract_dir: str | Path, max_clips: int = 0) -> TestSet:
+    clips: Clips = load_clips(extract_dir, "test")
+    keep = spread(len(clips), max_clips)
+    frame = eval_frame(clips.frames.shape[1])
+    return TestSet(
+        [clips.clip_ids[i] for i in keep],
+        [clips.labels[i] for i in keep],
+        clips.frames[keep, frame],
+        clips.mels[keep],
+    )
+
+
+def decode_clips(
+    batch: dict[str, np.ndarray], rows: dict[str, int], mel_shape: tuple[int, ...], num_frames: int
+) -> dict[str, np.ndarray]:
+    """Ray Data batch function: stored rows → `row` (index in the test set), `image` (the middle
+    frame) and `mel`; rows not in the test set are dropped. A task, not an actor: a 2-CPU
+    machine then still has a CPU for the read tasks beside the generation actor."""
+    frame = eval_frame(num_frames)
+    out: dict[str, list] = {"row": [], "image": [], "mel": []}
+    for clip_id, frames, mel in zip(batch["clip_id"], batch["frames"], batch["mel"], strict=True):
+        if clip_id not in rows:
+            continue
+        images, spec = decode_row(list(frames[frame : frame + 1]), mel, mel_shape)
+        out["row"].append(rows[clip_id])
+        out["image"].append(images[0])
+        out["mel"].append(spec)
+    if not out["row"]:
+        return {
+            "row": np.zeros(0, np.int64),
+            "image": np.zeros((0, 1, 1, 3), np.uint8),
+            "mel": np.zeros((0, *mel_shape), np.float32),
+        }
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+@dataclass
+class Generated:
+    """What the driver keeps of a (task, s) run: evaluator outputs for every row (in row order)
+    and the samples of the example rows."""
+
+    rows: np.ndarray
+    audio: Outputs | None
+    image: Outputs | None
+    examples: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _concat(parts: list[Outputs], order: np.ndarray) -> Outputs:
+    return Outputs(*(np.concatenate([getattr(p, f) for p in parts])[order]
+                     for f in ("embedding", "logits", "joint")))  # fmt: skip
+
+
+def generate_and_embed(
+    task_name: str,
+    test: TestSet,
+    extract_dir: Path,
+    transformer_dir: Path,
+    tokenizers_dir: Path,
+    gen_cfg: GenerateConfig,
+    cfg: EvaluateConfig,
+    evaluator: LocalEvaluator,
+    seed: int,
+    example_rows: set[int],
+    count: int = 0,
+    official: OfficialMetrics | None = None,
+) -> Generated:
+    """Run one task at one setting through Ray Data and keep what scoring needs. With
+    `official` (image→audio only), every generated clip is vocoded and fed to it as well."""
+    import ray
+
+    from pipeline.inference.generate import GenerateBatch
+
+    start = time.monotonic()
+    if task_name == "cogenerate":
+        ds = ray.data.range(count).map_batches(
+            lambda b: {"row": b["id"].astype(np.int64)}, batch_format="numpy"
+        )
+    else:
+        meta = load_meta(extract_dir)
+        paths = [str(extract_dir / e["path"]) for e in meta["shards"].get("test", [])]
+        if not paths:
+            raise EvaluatorError(f"{extract_dir} has no test shards")
+        rows = {clip_id: i for i, clip_id in enumerate(test.clip_ids)}
+        ds = (
+            ray.data.read_parquet(paths)
+            .select_columns(READ_COLUMNS)
+            .map_batches(
+                decode_clips,
+                fn_kwargs={
+                    "rows": rows,
+                    "mel_shape": tuple(meta["mel"]["shape"]),
+                    "num_frames": meta["num_frames"],
+                },
+                batch_format="numpy",
+            )
+        )
+        # The condition of image→audio is the frame, of audio→image the mel: drop the other.
+        drop = "mel" if task_name == "image2audio" else "image"
+        ds = ds.drop_columns([drop])
+    ds = ds.map_batches(
+        GenerateBatch,
+        fn_constructor_kwargs={
+            "transformer_dir": str(transformer_dir),
+            "tokenizers_dir": str(tokenizers_dir),
+            "cfg": as_dict(gen_cfg),
+            "task_name": task_name,
+            "seed": seed,
+            "vocode": official is not None,
+        },
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        num_gpus=cfg.num_gpus_per_actor,
+        batch_size=gen_cfg.batch_size,
+        batch_format="numpy",
+    )
+    rows, audio, image, examples = [], [], [], {}
+    sample_rate = _vocoder_rate(tokenizers_dir)
+    for batch in ds.iter_batches(batch_size=gen_cfg.batch_size, batch_format="numpy"):
+        rows.append(batch["row"])
+        if official is not None:
+            for wave, row in zip(batch["gen_wave"], batch["row"], strict=True):
+                official.add_generated(wave, sample_rate, test.frames[int(row)])
+        if task_name != "audio2image":
+            audio.append(evaluator.audio_outputs(batch["gen_mel"]))
+        if task_name != "image2audio":
+            image.append(evaluator.image_outputs(batch["gen_image"]))
+        for i, row in enumerate(batch["row"]):
+            if int(row) in example_rows:
+                examples[int(row)] = {
+                    "mel": batch["gen_mel"][i], "image": batch["gen_image"][i],
+                    "audio_ids": batch["gen_audio_ids"][i], "image_ids": batch["gen_image_ids"][i],
+                }  # fmt: skip
+    all_rows = np.concatenate(rows)
+    order = np.argsort(all_rows, kind="stable")
+    return Generated(
+        all_rows[order],
+        _concat(audio, order) if audio else None,
+        _concat(image, order) if image else None,
+        examples,
+        time.monotonic() - start,
+    )
+
+
+def _vocoder_rate(tokenizers_dir: Path) -> int:
+    return int(io.read_json(tokenizers_dir / "vocoder" / "meta.json")["mel"]["sample_rate"])
+
+
+def add_references(official: OfficialMetrics, test: TestSet, clips_dir: Path) -> None:
+    """The ground-truth audio of every evaluated clip, decoded from its video (paper protocol)."""
+    from tqdm import tqdm
+
+    from pipeline.evaluation.official import reference_audio
+
+    manifest = io.read_table(clips_dir / "manifest.parquet", columns=["clip_id", "path"])
+    where = dict(zip(*(manifest.column(c).to_pylist() for c in ("clip_id", "path")), strict=True))
+    for clip_id in tqdm(test.clip_ids, desc="reference audio", unit="clip", leave=False):
+        if not where.get(clip_id):
+            raise EvaluatorError(f"{clip_id} has no video in {clips_dir}/manifest.parquet")
+        official.add_reference(*reference_audio(clips_dir / where[clip_id]))
+
+
+def score(task_name: str, gen: Generated, ref: Reference) -> dict[str, float]:
+    """The task's `_local` scores of one generated set."""
+    if task_name == "image2audio":
+        return score_audio(gen.audio, ref, gen.rows)
+    if task_name == "audio2image":
+        return score_image(gen.image, ref, gen.rows)
+    return score_pairs(gen.image, gen.audio, ref)
+
+
+def iter_settings(guidance: tuple[float, ...]) -> Iterator[tuple[str, float]]:
+    """("s3", 3.0), ("s1", 1.0), ... with a key that reads well in metrics.json."""
+    for s in guidance:
+        yield f"s{s:g}".replace(".", "_"), s
+
+
+def describe_settings(gen_cfg: GenerateConfig) -> dict[str, Any]:
+    return {"steps": gen_cfg.steps, "temperature": gen_cfg.temperature}
+
+
+# ---------------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class EvaluateSummary:
+    metrics: dict[str, Any]
+    report_dir: Path
+    seconds: float
+
+    def headline(self) -> str:
+        parts = []
+        for task_name in EVAL_ORDER:
+            for key, values in self.metrics.get(task_name, {}).items():
+                acc = values.get("acc_local", values.get("agreement_local"))
+                fd = values.get("fd_local", values.get("fid_local"))
+                parts.append(f"{task_name} {key}: accuracy {acc:.1%}, FD {fd:.2f}")
+        return "; ".join(parts)
+
+
+EVAL_ORDER = ("image2audio", "audio2image", "cogenerate")
+
+
+def run_evaluate(
+    params: Params, report_dir: Path, tracking_run: Any | None = None
+) -> EvaluateSummary:
+    """Generate and score every task and CFG scale in params.evaluate; write metrics, samples
+    and figures under `report_dir` (see the module doc)."""
+    from pipeline.devices import resolve_device
+    from pipeline.tokenizers.batch_tokenize import ray_session
+    from pipeline.tokenizers.vocoder import Vocoder
+
+    start = time.monotonic()
+    cfg, gen_cfg, paths = params.evaluate, params.generate, params.paths
+    extract_dir, tokenizers_dir = Path(paths.extract), Path(paths.tokenizers)
+    device = resolve_device(params.evaluator.device)
+    evaluator = LocalEvaluator.load(paths.evaluator, device)
+    test = load_test_set(extract_dir, cfg.max_clips)
+    ref = reference(evaluator, test.labels, test.mels.astype(np.float32), test.frames)
+    shown = spread(len(test), max(cfg.samples, cfg.figure_clips))
+    example_rows = {int(i) for i in shown}
+    cogenerated = set(range(min(cfg.cogenerate_samples, max(cfg.samples, cfg.figure_clips))))
+    metrics: dict[str, Any] = {
+        "comparable_to_paper": False,
+        "extractor": f"{LOCAL_NAME}@{evaluator.sha256[:8]}",
+        "clips": len(test),
+        **describe_settings(gen_cfg),
+        "reference": score_reference(ref),
+    }
+    official = OfficialMetrics.load(params.evaluator.official, device)
+    if official is not None:
+        add_references(official, test, Path(paths.clips))
+        # Comparable only on the whole VGGSound test list (metrics-anchors §5.2).
+        full_test = (
+            params.download.source == "vggsound"
+            and params.download.limit == 0
+            and cfg.max_clips == 0
+        )
+    examples: dict[str, dict[str, Generated]] = {}
+    with ray_session():
+        for task_name in [t for t in EVAL_ORDER if t in cfg.tasks]:
+            settings = list(iter_settings(cfg.guidance))
+            if task_name == "cogenerate":  # nothing to guide by: one run
+                settings = [("free", 1.0)]
+            for key, s in settings:
+                log.info("evaluate: %s at s=%g on %d clips", task_name, s, len(test))
+                gen = generate_and_embed(
+                    task_name, test, extract_dir, Path(paths.transformer), tokenizers_dir,
+                    dataclasses.replace(gen_cfg, guidance=s), cfg, evaluator, params.base.seed,
+                    cogenerated if task_name == "cogenerate" else example_rows,
+                    count=cfg.cogenerate_samples,
+                    official=official if task_name == "image2audio" else None,
+                )  # fmt: skip
+                values = score(task_name, gen, ref) | {"seconds": round(gen.seconds, 1)}
+                metrics.setdefault(task_name, {})[key] = values
+                if official is not None and task_name == "image2audio":
+                    paper = official.scores(full_vggsound_test=full_test)
+                    metrics.setdefault("paper_protocol", {})[key] = paper
+                    official.reset_generated()
+                    if tracking_run is not None:
+                        numbers = {k: v for k, v in paper.items() if _is_number(v)}
+                        tracking_run.log_metrics(
+                            {f"paper/{key}/{k}": v for k, v in numbers.items()}
+                        )
+                examples.setdefault(task_name, {})[key] = gen
+                if tracking_run is not None:
+                    tracking_run.log_metrics(
+                        {f"{task_name}/{key}/{k}": v for k, v in values.items()}
+                    )
+    vocoder = Vocoder.load(tokenizers_dir / "vocoder")
+    write_examples(examples, test, ref, evaluator, vocoder, report_dir, cfg)
+    io.write_json(report_dir / "metrics.json", metrics)
+    return EvaluateSummary(metrics, report_dir, time.monotonic() - start)
+
+
+def write_examples(
+    examples: dict[str, dict[str, Generated]],
+    test: TestSet,
+    ref: Reference,
+    evaluator: LocalEvaluator,
+    vocoder: Any,
+    report_dir: Path,
+    cfg: EvaluateConfig,
+) -> None:
+    """Sample WAVs + mel PNGs of the headline setting, and one figure per task."""
+    from pipeline.data import audio
+    from pipeline.evaluation.figures import generation_figure, image_grid_figure
+
+    samples = report_dir / "samples"
+    shutil.rmtree(samples, ignore_errors=True)  # a rerun with fewer samples keeps no stale ones
+    shown = [int(i) for i in spread(len(test), cfg.figure_clips)]
+    kept = [int(i) for i in spread(len(test), cfg.samples)]
+    for task_name, runs in examples.items():
+        headline_key, headline = next(iter(runs.items()))
+        folder = samples / task_name
+        if task_name == "image2audio":
+            for row in kept:
+                mel = headline.examples[row]["mel"]
+                name = f"{test.clip_ids[row]}.{headline_key}"
+                audio.save_wav(
+                    folder / f"{name}.wav", vocoder(mel, seed=row), vocoder.mel.sample_rate
+                )
+                audio.save_mel_png(
+                    folder / f"{name}.png", mel, f"{test.labels[row]} ({headline_key})"
+                )
+            gen = {k: np.stack([g.examples[r]["mel"] for r in shown]) for k, g in runs.items()}
+            guess = {k: [evaluator.labels[i] for i in evaluator.audio_outputs(v).predicted]
+                     for k, v in gen.items()}  # fmt: skip
+            generation_figure(
+                [test.clip_ids[r] for r in shown], [test.labels[r] for r in shown],
+                test.frames[shown], test.mels[shown].astype(np.float32), gen,
+                report_dir / "image2audio.png", guess,
+            )  # fmt: skip
+        elif task_name == "audio2image":
+            rows = [("ground truth", test.frames[shown])]
+            rows += [
+                (k, np.stack([g.examples[r]["image"] for r in shown])) for k, g in runs.items()
+            ]
+            image_grid_figure(rows, report_dir / "audio2image.png", "audio → image")
+            for row in kept:
+                _save_png(folder / f"{test.clip_ids[row]}.{headline_key}.png",
+                          headline.examples[row]["image"])  # fmt: skip
+        else:
+            pairs = sorted(headline.examples)[: max(cfg.figure_clips, 1)]
+            frames = np.stack([headline.examples[r]["image"] for r in pairs])
+            mels = np.stack([headline.examples[r]["mel"] for r in pairs])
+            guess = [evaluator.labels[i] for i in evaluator.image_outputs(frames).predicted]
+            generation_figure(
+                [f"pair {r}" for r in pairs], guess, frames, mels, {},
+                report_dir / "cogenerate.png", mel_title="co-generated mel",
+            )  # fmt: skip
+            for r in pairs[: cfg.samples]:
+                audio.save_wav(folder / f"pair-{r}.wav", vocoder(headline.examples[r]["mel"], seed=r),
+                               vocoder.mel.sample_rate)  # fmt: skip
+                _save_png(folder / f"pair-{r}.png", headline.examples[r]["image"])
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _save_png(path: Path, image: np.ndarray) -> None:
+    import io as _stdio
+
+    from PIL import Image
+
+    buf = _stdio.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    io.write_bytes(path, buf.getvalue())

@@ -1,0 +1,109 @@
+"""Scores of generated samples against the test split, from the offline evaluator.
+
+Every key ends in `_local`: FD on the evaluator's embeddings, IS on its softmax over the
+dataset's labels, class accuracy of the generated sample against the label of the clip that
+conditioned it, and a CS-style 100 x cosine in the evaluator's joint space. None of them is on
+the scale of the paper's PANNs/VGGish/CLIP numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.evaluation.local import LocalEvaluator, Outputs
+from pipeline.evaluation.train_local import EvaluatorError
+from pipeline.metrics.math import (
+    IS_SPLITS,
+    GaussianStats,
+    accuracy,
+    clip_score,
+    frechet_distance,
+    inception_score,
+)
+
+
+@dataclass
+class Reference:
+    """The evaluator's outputs on the real test clips the generated ones are compared with."""
+
+    labels: np.ndarray  # (n,) evaluator class index of each clip
+    audio: Outputs  # real mels
+    image: Outputs  # conditioning frames
+    audio_stats: GaussianStats
+    image_stats: GaussianStats
+
+
+def reference(
+    ev: LocalEvaluator, labels: list[str], mels: np.ndarray, frames: np.ndarray
+) -> Reference:
+    """The evaluator on the real test clips: mels (n, F, T) and conditioning frames (n, S, S, 3)."""
+    index = ev.label_index(labels)
+    if (index < 0).any():
+        unknown = sorted({lab for lab, i in zip(labels, index, strict=True) if i < 0})
+        raise EvaluatorError(
+            f"the evaluator was not trained on label(s) {', '.join(unknown[:3])}: rerun the "
+            "evaluator stage on the same extract output"
+        )
+    audio, image = ev.audio_outputs(mels), ev.image_outputs(frames)
+    return Reference(
+        index,
+        audio,
+        image,
+        GaussianStats.from_features(audio.embedding),
+        GaussianStats.from_features(image.embedding),
+    )
+
+
+def _is(logits: np.ndarray) -> float:
+    splits = min(IS_SPLITS, len(logits))
+    return inception_score(logits, splits=splits)[0]
+
+
+def _fd(features: np.ndarray, ref: GaussianStats) -> float:
+    return frechet_distance(GaussianStats.from_features(features), ref)
+
+
+def score_audio(out: Outputs, ref: Reference, rows: np.ndarray) -> dict[str, float]:
+    """Evaluator outputs of generated mels; row i was conditioned on reference clip `rows[i]`."""
+    return {
+        "acc_local": accuracy(out.predicted, ref.labels[rows]),
+        "fd_local": _fd(out.embedding, ref.audio_stats),
+        "is_local": _is(out.logits),
+        "cs_local": clip_score(ref.image.joint[rows], out.joint),
+    }
+
+
+def score_image(out: Outputs, ref: Reference, rows: np.ndarray) -> dict[str, float]:
+    """Evaluator outputs of generated frames; row i was conditioned on clip `rows[i]`'s audio."""
+    return {
+        "acc_local": accuracy(out.predicted, ref.labels[rows]),
+        "fid_local": _fd(out.embedding, ref.image_stats),
+        "is_local": _is(out.logits),
+        "cs_local": clip_score(out.joint, ref.audio.joint[rows]),
+    }
+
+
+def score_pairs(img: Outputs, aud: Outputs, ref: Reference) -> dict[str, float]:
+    """Co-generated (frame, mel) pairs: quality of each side, and whether they agree."""
+    return {
+        "fd_local": _fd(aud.embedding, ref.audio_stats),
+        "fid_local": _fd(img.embedding, ref.image_stats),
+        "is_audio_local": _is(aud.logits),
+        "is_image_local": _is(img.logits),
+        "agreement_local": accuracy(img.predicted, aud.predicted),
+        "cs_local": clip_score(img.joint, aud.joint),
+    }
+
+
+def score_reference(ref: Reference) -> dict[str, float]:
+    """What the evaluator gives the real test clips: the ceiling a generator is measured against."""
+    rows = np.arange(len(ref.labels))
+    return {
+        "audio_acc_local": accuracy(ref.audio.predicted, ref.labels),
+        "image_acc_local": accuracy(ref.image.predicted, ref.labels),
+        "audio_is_local": _is(ref.audio.logits),
+        "cs_local": clip_score(ref.image.joint[rows], ref.audio.joint[rows]),
+        "cs_shuffled_local": clip_score(ref.image.joint, np.roll(ref.audio.joint, 1, axis=0)),
+    }

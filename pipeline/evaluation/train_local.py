@@ -1,0 +1,319 @@
+"""Training the offline evaluator (`local.LocalEvaluator`) on the extracted train split.
+
+The classifiers see real inputs and, when the tokenizers are given, their VQGAN reconstructions
+(encode → decode) as well: every generated sample is a VQGAN decode, so an evaluator that only
+knew clean inputs would confuse codec artefacts with class evidence. The contrastive heads are
+trained last, on the frozen classifier embeddings of matching (frame, mel) pairs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline.config import EvaluatorConfig
+from pipeline.data.extract import iter_examples
+from pipeline.data.token_dataset import eval_frame
+from pipeline.errors import PipelineError
+from pipeline.evaluation.local import LocalEvaluator
+from pipeline.tokenizers.tokenizer import Tokenizer
+
+
+class EvaluatorError(PipelineError):
+    """Data the evaluator cannot be trained or scored on."""
+
+
+@dataclass
+class Clips:
+    """One split in memory: frames (n, N, S, S, 3) uint8, mels (n, F, T) float16."""
+
+    clip_ids: list[str]
+    labels: list[str]
+    frames: np.ndarray
+    mels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.clip_ids)
+
+
+def load_clips(extract_dir: str | Path, split: str, per_label: int = 0) -> Clips:
+    """Every clip of `split` (at most `per_label` per label when > 0), in clip_id order."""
+    ids, labels, frames, mels = [], [], [], []
+    seen: dict[str, int] = {}
+    for ex in iter_examples(Path(extract_dir), split):
+        if per_label and seen.get(ex.label, 0) >= per_label:
+            continue
+        seen[ex.label] = seen.get(ex.label, 0) + 1
+        ids.append(ex.clip_id)
+        labels.append(ex.label)
+        frames.append(ex.frames)
+        mels.append(ex.mel.astype(np.float16))
+    if not ids:
+        raise EvaluatorError(f"{extract_dir} has no clips in split {split!r}")
+    return Clips(ids, labels, np.stack(frames), np.stack(mels))
+
+
+def reconstruct(tokenizer: Tokenizer, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """encode → decode through a VQGAN, in batches (mels come back float16, frames uint8)."""
+    out = []
+    for start in range(0, len(x), batch_size):
+        part = x[start : start + batch_size]
+        rec = tokenizer.decode(
+            tokenizer.encode(part.astype(np.float32) if part.dtype == np.float16 else part)
+        )
+        out.append(rec.astype(x.dtype))
+    return np.concatenate(out)
+
+
+@dataclass
+class History:
+    """Per-epoch training loss and accuracy of each part, for the report's plot."""
+
+    rows: list[dict[str, float]] = field(default_factory=list)
+
+
+def _schedule(optimizer: torch.optim.Optimizer, lr: float, step: int, total: int) -> None:
+    scale = 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / max(1, total))))
+    for group in optimizer.param_groups:
+        group["lr"] = lr * scale
+
+
+def _run_epochs(
+    params: list[torch.nn.Parameter],
+    batch_loss: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    n: int,
+    batch_size: int,
+    epochs: int,
+    cfg: EvaluatorConfig,
+    rng: np.random.Generator,
+    part: str,
+    history: History,
+) -> int:
+    """AdamW with a cosine schedule over `epochs` shuffled passes of `n` items, one history row
+    per epoch; `batch_loss(indices)` gives (loss, logits, targets). Returns the batch size."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    bs = min(batch_size, n)
+    per_epoch = max(1, n // bs)
+    step = 0
+    for epoch in tqdm(range(epochs), desc=part, unit="epoch", leave=False):
+        order = rng.permutation(n)
+        loss_sum = correct = seen = 0.0
+        for b in range(per_epoch):
+            idx = order[b * bs : (b + 1) * bs]
+            _schedule(opt, cfg.lr, step, per_epoch * epochs)
+            loss, logits, y = batch_loss(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += float((logits.argmax(1) == y).sum())
+            seen += len(idx)
+        history.rows.append(
+            {"part": part, "epoch": epoch + 1, "loss": loss_sum / seen, "acc": correct / seen}
+        )
+    return bs
+
+
+def _fit(
+    net: torch.nn.Module,
+    sample: Callable[[np.ndarray, np.random.Generator], torch.Tensor],
+    targets: np.ndarray,
+    cfg: EvaluatorConfig,
+    rng: np.random.Generator,
+    device: torch.device,
+    desc: str,
+    history: History,
+) -> None:
+    """Train one classifier; `sample(indices, rng)` builds an augmented input batch."""
+
+    def batch_loss(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        y = torch.as_tensor(targets[idx], device=device)
+        _, logits = net(sample(idx, rng).to(device))
+        return F.cross_entropy(logits, y, label_smoothing=0.05), logits, y
+
+    net.train()
+    n = len(targets)
+    bs = _run_epochs(
+        list(net.parameters()), batch_loss, n, cfg.batch_size, cfg.epochs, cfg, rng, desc, history
+    )
+    _settle_batchnorm(net, sample, n, bs, rng, device)
+    net.eval()
+
+
+@torch.no_grad()
+def _settle_batchnorm(
+    net: torch.nn.Module,
+    sample: Callable[[np.ndarray, np.random.Generator], torch.Tensor],
+    n: int,
+    batch_size: int,
+    rng: np.random.Generator,
+    device: torch.device,
+) -> None:
+    """Recompute BatchNorm running statistics as exact averages over one pass of the (augmented)
+    training inputs: after a few hundred steps the momentum averages have not settled, and the
+    eval-mode network would predict from stale statistics."""
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    net.train()
+    order = rng.permutation(n)
+    for start in range(0, n, batch_size):
+        net(sample(order[start : start + batch_size], rng).to(device))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+
+
+def _fit_joint(
+    model: LocalEvaluator,
+    image_emb: torch.Tensor,
+    audio_emb: torch.Tensor,
+    cfg: EvaluatorConfig,
+    rng: np.random.Generator,
+    history: History,
+) -> None:
+    """Symmetric InfoNCE on (frame embedding, mel embedding) pairs of the same clip.
+
+    image_emb: (n, frames, D) — one frame per clip is drawn each step; audio_emb: (n, views, D),
+    one view (real or reconstructed mel) likewise."""
+
+    def batch_loss(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        fi = rng.integers(0, image_emb.shape[1], len(idx))
+        ai = rng.integers(0, audio_emb.shape[1], len(idx))
+        zi = model.image_proj(image_emb[idx, fi])
+        za = model.audio_proj(audio_emb[idx, ai])
+        logits = zi @ za.T / cfg.joint_temperature
+        y = torch.arange(len(idx), device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y)), logits, y
+
+    heads = [*model.audio_proj.parameters(), *model.image_proj.parameters()]
+    model.audio_proj.train()
+    model.image_proj.train()
+    _run_epochs(
+        heads, batch_loss, len(image_emb), cfg.joint_batch_size, cfg.joint_epochs, cfg, rng,
+        "joint", history,
+    )  # fmt: skip
+    model.audio_proj.eval()
+    model.image_proj.eval()
+
+
+def _roll(mels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Circular shift of each mel in time (sounds may start anywhere in a clip)."""
+    shifts = rng.integers(0, mels.shape[-1], len(mels))
+    return np.stack([np.roll(m, s, axis=-1) for m, s in zip(mels, shifts, strict=True)])
+
+
+def train_local_evaluator(
+    train: Clips,
+    cfg: EvaluatorConfig,
+    seed: int,
+    device: torch.device,
+    tokenizers: dict[str, Tokenizer] | None = None,
+) -> tuple[LocalEvaluator, History, dict[str, float]]:
+    """Train all parts on `train`; returns the evaluator (eval mode), the history and timings."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    labels = sorted(set(train.labels))
+    if len(labels) < 2:
+        raise EvaluatorError(f"the train split has {len(labels)} label(s); a classifier needs 2+")
+    model = LocalEvaluator(labels, cfg.embed_dim, cfg.joint_dim).to(device)
+    y = model.label_index(train.labels)
+    history, timings = History(), {}
+
+    t0 = time.perf_counter()
+    # Codec views: every mel, and the frame generation is conditioned on or compared with
+    # (the middle one); all frames would cost 10x the encode/decode for little more variety.
+    mel_views = [train.mels]
+    frames = train.frames.reshape(len(train), -1, *train.frames.shape[2:])  # (n, N, S, S, 3)
+    if tokenizers is not None and cfg.codec_augment:
+        mel_views.append(reconstruct(tokenizers["audio"], train.mels))
+        middle = reconstruct(tokenizers["image"], train.frames[:, eval_frame(frames.shape[1])])
+        frames = np.concatenate([frames, middle[:, None]], axis=1)  # (n, N + 1, S, S, 3)
+    timings["reconstruct_s"] = time.perf_counter() - t0
+    mels = np.stack(mel_views, axis=1)  # (n, views, F, T)
+
+    def mel_batch(idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        view = rng.integers(0, mels.shape[1], len(idx))
+        x = _roll(mels[idx, view].astype(np.float32), rng)
+        return torch.as_tensor(x)
+
+    num_real = train.frames.shape[1]
+
+    def frame_batch(idx: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        # Half the draws are the codec view of the middle frame when there is one.
+        f = rng.integers(0, num_real, len(idx))
+        if frames.shape[1] > num_real:
+            f = np.where(rng.random(len(idx)) < 0.5, num_real, f)
+        x = frames[idx, f]
+        flip = rng.random(len(idx)) < 0.5
+        x[flip] = x[flip, :, ::-1]
+        return torch.as_tensor(np.ascontiguousarray(x))
+
+    t0 = time.perf_counter()
+    _fit(model.audio, mel_batch, y, cfg, rng, device, "audio", history)
+    timings["audio_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _fit(model.image, frame_batch, y, cfg, rng, device, "image", history)
+    timings["image_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    n, nf = frames.shape[:2]
+    image_emb = model.image_outputs(frames.reshape(-1, *frames.shape[2:])).embedding
+    audio_emb = model.audio_outputs(mels.reshape(-1, *mels.shape[2:])).embedding
+    _fit_joint(
+        model,
+        torch.as_tensor(image_emb, device=device).reshape(n, nf, -1),
+        torch.as_tensor(audio_emb, device=device).reshape(n, mels.shape[1], -1),
+        cfg,
+        rng,
+        history,
+    )
+    timings["joint_s"] = time.perf_counter() - t0
+    return model.eval(), history, timings
+
+
+def held_out_metrics(
+    model: LocalEvaluator, test: Clips, tokenizers: dict[str, Tokenizer] | None = None
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """How well the evaluator does on the held-out split, and its confusion matrices.
+
+    Classifier accuracy on real test mels and on the middle frame (and on their VQGAN
+    reconstructions when the tokenizers are given: the ceiling for generated samples); the
+    CS-style score of matching and of shuffled pairs; image→audio retrieval top-1 among all
+    test clips."""
+    from pipeline.metrics.math import accuracy, clip_score
+
+    y = model.label_index(test.labels)
+    if (y < 0).any():
+        unknown = sorted({lab for lab, i in zip(test.labels, y, strict=True) if i < 0})
+        raise EvaluatorError(f"test labels not in the train split: {', '.join(unknown[:3])}")
+    frames = test.frames[:, eval_frame(test.frames.shape[1])]
+    audio, image = model.audio_outputs(test.mels), model.image_outputs(frames)
+    metrics = {
+        "audio_acc": accuracy(audio.predicted, y),
+        "image_acc": accuracy(image.predicted, y),
+        "cs_matched": clip_score(image.joint, audio.joint),
+        "cs_shuffled": clip_score(image.joint, np.roll(audio.joint, 1, axis=0)),
+        "retrieval_top1": accuracy((image.joint @ audio.joint.T).argmax(1), np.arange(len(y))),
+    }
+    k = len(model.labels)
+    confusion = {
+        "audio": np.bincount(y * k + audio.predicted, minlength=k * k).reshape(k, k),
+        "image": np.bincount(y * k + image.predicted, minlength=k * k).reshape(k, k),
+    }
+    if tokenizers is not None:
+        rec_audio = model.audio_outputs(reconstruct(tokenizers["audio"], test.mels))
+        rec_image = model.image_outputs(reconstruct(tokenizers["image"], frames))
+        metrics["audio_acc_codec"] = accuracy(rec_audio.predicted, y)
+        metrics["image_acc_codec"] = accuracy(rec_image.predicted, y)
+    return metrics, confusion
