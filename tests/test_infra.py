@@ -1,0 +1,313 @@
+"""infra/ (cluster launcher, KubeRay manifests, Dockerfile), profiles/paper.yaml and
+bench/plan_vggsound.py: contract tests on the files and the numbers they must agree on. Nothing
+here starts Ray or reaches AWS or Kubernetes."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import ray.autoscaler
+import torch
+import yaml
+
+from pipeline.config import load_params
+from pipeline.models import PAPER_MODEL, AudioVisualTransformer, count_parameters
+from pipeline.profiles import apply_profile
+from pipeline.tokenizers.layout import ModalityLayout, TokenLayout
+from pipeline.tokenizers.vqgan import IMAGENET_F16_1024, VGGSOUND_CODEBOOK
+
+ROOT = Path(__file__).resolve().parents[1]
+INFRA = ROOT / "infra"
+SHARED = "/mnt/shared"  # the shared volume, at the same path on every node
+WORKSPACE = f"{SHARED}/visual-echoes"
+
+VGGSOUND_TRAIN_CLIPS = 183_730  # official train.csv (pipeline-anchors §1)
+EPOCHS = 1000  # paper §4
+# bench/README.md: the paper model with activation checkpointing at 32 per GPU needs about 9 GiB,
+# within a 16 GB V100 (an estimate from a CPU count, not measured on a GPU).
+V100_MAX_BATCH_PER_GPU = 32
+# V100 16 GB per AWS instance type.
+AWS_V100S = {"p3.2xlarge": 1, "p3.8xlarge": 4, "p3.16xlarge": 8}
+
+
+def _yaml_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+@pytest.fixture(scope="module")
+def launcher() -> dict:
+    return yaml.safe_load((INFRA / "aws" / "cluster.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def kuberay() -> dict[str, list[dict]]:
+    """Every KubeRay document by kind (base.yaml, raycluster.yaml, rayjob.yaml)."""
+    by_kind: dict[str, list[dict]] = {}
+    for path in sorted((INFRA / "kuberay").glob("*.yaml")):
+        for doc in _yaml_docs(path):
+            by_kind.setdefault(doc["kind"], []).append(doc)
+    return by_kind
+
+
+@pytest.fixture(scope="module")
+def paper(tmp_path_factory):
+    params = tmp_path_factory.mktemp("paper") / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    apply_profile(ROOT / "profiles" / "paper.yaml", params)
+    return load_params(params)
+
+
+def _cluster_specs(kuberay: dict[str, list[dict]]) -> dict[str, dict]:
+    """RayCluster specs by name: the RayCluster's and each RayJob's own."""
+    specs = {d["metadata"]["name"]: d["spec"] for d in kuberay["RayCluster"]}
+    specs |= {d["metadata"]["name"]: d["spec"]["rayClusterSpec"] for d in kuberay["RayJob"]}
+    return specs
+
+
+def _gpu_limit(group: dict) -> int:
+    (container,) = [c for c in group["template"]["spec"]["containers"] if c["name"] == "ray-worker"]
+    return int(container["resources"]["limits"]["nvidia.com/gpu"])
+
+
+# ----------------------------------------------------------------------------- cluster launcher
+
+
+def test_launcher_config_validates_against_rays_own_schema(launcher):
+    schema_path = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+    jsonschema.validate(launcher, json.loads(schema_path.read_text()))
+    # What `ray up` checks next, before it reaches AWS: defaults merged, node types, min/max.
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(launcher))
+
+
+def test_launcher_has_a_cpu_head_v100_workers_token_auth_and_the_shared_volume(launcher):
+    types = launcher["available_node_types"]
+    head = types[launcher["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}
+    assert head["node_config"]["InstanceType"] not in AWS_V100S
+    workers = {k: v for k, v in types.items() if k != launcher["head_node_type"]}
+    assert {w["node_config"]["InstanceType"] for w in workers.values()} == {
+        "p3.8xlarge",
+        "p3.16xlarge",
+    }
+    for w in workers.values():
+        assert w["resources"]["GPU"] == AWS_V100S[w["node_config"]["InstanceType"]]
+        assert w.get("min_workers", 0) == 0, "GPU nodes idle through download and extract"
+    assert sum(w["max_workers"] for w in workers.values()) <= launcher["max_workers"]
+
+    docker = launcher["docker"]
+    options = " ".join(docker["run_options"])
+    assert docker["image"].endswith(":cu126")
+    assert "RAY_AUTH_MODE=token" in options
+    assert f"-v {SHARED}:{SHARED}" in options
+    assert f"PYTHONPATH={WORKSPACE}" in options
+    assert "~/.ray/auth_token" in launcher["file_mounts"]
+    assert any(f" {SHARED}" in c and "mount " in c for c in launcher["initialization_commands"])
+    assert any("pipeline.media --check" in c for c in launcher["setup_commands"])
+    assert any("mlflow server" in c for c in launcher["head_start_ray_commands"])
+
+
+# -------------------------------------------------------------------------------------- KubeRay
+
+
+def test_kuberay_manifests_have_what_the_operator_requires(kuberay):
+    (cluster,) = kuberay["RayCluster"]
+    (job,) = kuberay["RayJob"]
+    for doc in (cluster, job):
+        assert doc["apiVersion"] == "ray.io/v1"
+        assert doc["metadata"]["name"]
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    assert "dvc repro" in job["spec"]["entrypoint"]
+    assert "clusterSelector" not in job["spec"]
+
+    for name, spec in _cluster_specs(kuberay).items():
+        assert spec["rayVersion"] == ray.__version__, f"{name}: cluster and client Ray differ"
+        assert spec["authOptions"] == {"mode": "token"}, name
+        head = spec["headGroupSpec"]
+        assert isinstance(head["rayStartParams"], dict)
+        assert head["template"]["spec"]["containers"][0]["image"]
+        assert spec["workerGroupSpecs"], name
+        for group in spec["workerGroupSpecs"]:
+            for key in ("groupName", "replicas", "minReplicas", "maxReplicas", "template"):
+                assert key in group, f"{name}: worker group without {key}"
+            assert isinstance(group["rayStartParams"], dict)
+            assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+            assert _gpu_limit(group) >= 1
+            assert (
+                group["template"]["spec"]["nodeSelector"]["node.kubernetes.io/instance-type"]
+                in AWS_V100S
+            )
+
+
+def test_kuberay_pods_mount_the_shared_claim_and_log_to_the_mlflow_service(kuberay):
+    (claim,) = kuberay["PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    (service,) = kuberay["Service"]
+    (account,) = kuberay["ServiceAccount"]
+    for name, spec in _cluster_specs(kuberay).items():
+        for pod in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            pod_spec = pod["template"]["spec"]
+            assert pod_spec["serviceAccountName"] == account["metadata"]["name"]
+            claims = {
+                v["name"]: v["persistentVolumeClaim"]["claimName"]
+                for v in pod_spec["volumes"]
+                if "persistentVolumeClaim" in v
+            }
+            container = pod_spec["containers"][0]
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            assert claims[mounts[SHARED]] == claim["metadata"]["name"], name
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            assert env["PYTHONPATH"] == WORKSPACE
+            assert env["MLFLOW_TRACKING_URI"].startswith(f"http://{service['metadata']['name']}:")
+
+
+def test_the_rayjob_runs_the_rayclusters_pods_with_a_fixed_gpu_group(kuberay):
+    specs = _cluster_specs(kuberay)
+    cluster, job = specs["visual-echoes"], specs["visual-echoes-paper"]
+    head = lambda s: s["headGroupSpec"]["template"]["spec"]  # noqa: E731
+    assert head(job) == head(cluster)
+    assert job["headGroupSpec"]["rayStartParams"] == cluster["headGroupSpec"]["rayStartParams"]
+    for ours, theirs in zip(job["workerGroupSpecs"], cluster["workerGroupSpecs"], strict=True):
+        assert ours["groupName"] == theirs["groupName"]
+        assert ours["template"] == theirs["template"]
+        assert (
+            ours["minReplicas"] == ours["replicas"] == ours["maxReplicas"] == theirs["maxReplicas"]
+        )
+
+
+# ------------------------------------------------------------------------------------ Dockerfile
+
+
+def test_dockerfile_installs_a_v100_torch_from_the_cu126_index_and_ffmpeg():
+    text = (INFRA / "docker" / "Dockerfile").read_text()
+    assert re.search(r"^FROM nvidia/cuda:12\.6\.\d+-cudnn-runtime-ubuntu2[24]\.04$", text, re.M)
+    assert "https://download.pytorch.org/whl/cu126" in text
+    (major, minor), *_ = [tuple(map(int, m)) for m in re.findall(r"torch==(\d+)\.(\d+)", text)]
+    assert (major, minor) <= (2, 14), "CUDA 12.6 wheels after 2.14 may lack V100 (sm_70) kernels"
+    assert "sm_70" in text
+    assert re.search(r"apt-get install[^\n]*(\\\n[^\n]*)*\bffmpeg\b", text)
+    assert re.search(r"pip install -c \S+ \.", text), "the package itself is installed"
+    assert re.search(rf"RAY_VERSION={re.escape(ray.__version__)}$", text, re.M)
+
+
+# -------------------------------------------------------------------------------------- profiles
+
+
+def test_both_profiles_apply_to_params_and_parse(tmp_path):
+    for name in ("tiny", "paper"):
+        params = tmp_path / f"{name}.yaml"
+        params.write_text((ROOT / "params.yaml").read_text())
+        apply_profile(ROOT / "profiles" / f"{name}.yaml", params)
+        load_params(params)
+
+
+def test_paper_profile_is_the_papers_data_tokenizers_and_decoding(paper):
+    assert paper.download.source == "vggsound"
+    assert paper.extract.image_size == 256
+    for modality, official in (("image", IMAGENET_F16_1024), ("audio", VGGSOUND_CODEBOOK)):
+        cfg = getattr(paper.tokenizers, modality)
+        assert cfg.pretrained
+        arch = dataclasses.asdict(cfg.arch)
+        assert arch == {k: v for k, v in dataclasses.asdict(official).items() if k in arch}
+    g = paper.generate
+    assert (g.steps, g.temperature, g.guidance) == (30, 9.0, 3.0)
+    assert paper.evaluate.max_clips == 0
+    assert paper.tokenize.num_gpus_per_actor == 1
+    assert paper.train.precision == "fp16"
+
+
+def test_paper_profile_builds_the_paper_model(paper):
+    down = 2 ** (len(paper.tokenizers.image.arch.ch_mult) - 1)
+    ex = paper.extract
+    layout = TokenLayout(
+        ModalityLayout(
+            "audio", paper.tokenizers.audio.arch.n_embed, (ex.n_mels // down, ex.mel_frames // down)
+        ),
+        ModalityLayout("image", paper.tokenizers.image.arch.n_embed, (ex.image_size // down,) * 2),
+    )
+    assert (layout.audio.grid, layout.image.grid) == ((5, 53), (16, 16))
+    assert paper.model == dataclasses.replace(PAPER_MODEL, activation_checkpointing=True)
+    with torch.device("meta"):
+        ours = count_parameters(AudioVisualTransformer(paper.model, layout))
+        reference = count_parameters(AudioVisualTransformer(PAPER_MODEL, layout))
+    assert ours == reference == 407_309_313 + 1_050_623
+
+
+def test_paper_profile_scales_to_the_clusters_in_infra(paper, launcher, kuberay):
+    train = paper.train
+    assert train.use_gpu and paper.model.activation_checkpointing
+    assert train.batch_size % train.num_workers == 0
+    assert train.batch_size // train.num_workers <= V100_MAX_BATCH_PER_GPU
+    workers = [
+        t for name, t in launcher["available_node_types"].items()
+        if name != launcher["head_node_type"]
+    ]  # fmt: skip
+    launcher_gpus = sum(t["max_workers"] * t["resources"]["GPU"] for t in workers)
+    assert train.num_workers == launcher_gpus
+    for name, spec in _cluster_specs(kuberay).items():
+        gpus = sum(g["maxReplicas"] * _gpu_limit(g) for g in spec["workerGroupSpecs"])
+        assert train.num_workers == gpus, name
+    assert paper.tokenize.num_actors * paper.tokenize.num_gpus_per_actor <= train.num_workers
+    assert abs(train.steps - EPOCHS * VGGSOUND_TRAIN_CLIPS / train.batch_size) <= 1
+    assert train.warmup_steps < train.steps
+
+
+def test_paper_paths_are_on_the_shared_volume_or_one_bucket(paper):
+    profile = (ROOT / "profiles" / "paper.yaml").read_text()
+    local = re.findall(r":\s+(/\S+)", profile)
+    assert local and all(p.startswith(f"{SHARED}/") for p in local)
+    assert paper.train.storage_path.startswith("s3://")
+    assert paper.tokenize.output_uri.startswith("s3://")
+    infra = "".join(p.read_text() for p in sorted(INFRA.rglob("*.yaml")))
+    buckets = set(re.findall(r"s3://([^/\s]+)/", profile + infra))
+    assert len(buckets) == 1, f"one bucket everywhere (README: replace it once), got {buckets}"
+
+
+# ----------------------------------------------------------------------------------- the sizing
+
+
+@pytest.fixture(scope="module")
+def plan_vggsound():
+    """bench/plan_vggsound.py as a module (bench/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "plan_vggsound", ROOT / "bench" / "plan_vggsound.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through it
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def _plan(module, capsys, *args: str) -> dict[str, list[float]]:
+    assert module.main(list(args)) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    header, *body = ([c.strip() for c in r.strip("|").split("|")] for r in rows)
+    assert header[:6] == ["stage", "disk (GB)", "work", "unit", "wall (h)", "resources"]
+    return {r[0]: [float(r[i].replace(",", "")) for i in (1, 2, 4)] for r in body}
+
+
+def test_plan_has_a_row_per_stage_and_scales_with_the_clips(plan_vggsound, capsys):
+    base = _plan(plan_vggsound, capsys, "--train-clips", "100000", "--test-clips", "10000")
+    double = _plan(plan_vggsound, capsys, "--train-clips", "200000", "--test-clips", "20000")
+    stages = ["download", "extract", "tokenize", "train (V100)", "train (H100)", "evaluate"]
+    assert list(base) == stages
+    for stage in stages:
+        disk, work, wall = base[stage]
+        assert work > 0 and wall > 0
+        d_disk, d_work, d_wall = double[stage]
+        assert d_work == pytest.approx(2 * work, rel=0.01)
+        assert d_wall == pytest.approx(2 * wall, rel=0.01)
+        # Checkpoints do not grow with the data.
+        assert d_disk == pytest.approx(disk if stage.startswith("train") else 2 * disk, rel=0.01)
