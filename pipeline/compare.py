@@ -35,9 +35,11 @@ def _headline_key(row: Any) -> str:
     raw = row.get("params.evaluate.guidance")
     if not isinstance(raw, str):
         return ""
+    from pipeline.evaluation.evaluate import setting_key
+
     first = raw.strip("[]() ").split(",")[0].strip()
     try:
-        return f"s{float(first):g}".replace(".", "_")
+        return setting_key(float(first))
     except ValueError:
         return ""
 

@@ -238,10 +238,15 @@ def score(task_name: str, gen: Generated, ref: Reference) -> dict[str, float]:
     return score_pairs(gen.image, gen.audio, ref)
 
 
+def setting_key(guidance: float) -> str:
+    """The metrics.json / MLflow key of a CFG scale: 3 → "s3", 1.5 → "s1_5"."""
+    return f"s{guidance:g}".replace(".", "_")
+
+
 def iter_settings(guidance: tuple[float, ...]) -> Iterator[tuple[str, float]]:
-    """("s3", 3.0), ("s1", 1.0), ... with a key that reads well in metrics.json."""
+    """("s3", 3.0), ("s1", 1.0), ... in the configured order."""
     for s in guidance:
-        yield f"s{s:g}".replace(".", "_"), s
+        yield setting_key(s), s
 
 
 def describe_settings(gen_cfg: GenerateConfig) -> dict[str, Any]:

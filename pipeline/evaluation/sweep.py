@@ -23,6 +23,9 @@ import numpy as np
 from pipeline import io
 from pipeline.config import SWEEP_METRICS, GenerateConfig, Params, SweepConfig
 from pipeline.errors import PipelineError
+from pipeline.evaluation.evaluate import load_test_set
+from pipeline.evaluation.local import LocalEvaluator
+from pipeline.evaluation.scoring import Reference, reference
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +37,14 @@ class SweepError(PipelineError):
     """A sweep whose grid or metric does not make sense."""
 
 
-def trial(config: dict[str, Any]) -> None:
-    """One Tune trial: generate for the subset at (T, N, s) and report the scores."""
+def trial(config: dict[str, Any], frames: np.ndarray, ref: Reference) -> None:
+    """One Tune trial: generate for the subset's conditioning `frames` at (T, N, s) and report
+    the scores against `ref` (both made once by the driver and shared through the object store)."""
     import torch
     from ray import tune
 
-    from pipeline.evaluation.evaluate import load_test_set
     from pipeline.evaluation.local import LocalEvaluator
-    from pipeline.evaluation.scoring import reference, score_audio
+    from pipeline.evaluation.scoring import score_audio
     from pipeline.inference.generate import Generator
 
     torch.set_num_threads(config["threads"])
@@ -56,10 +59,8 @@ def trial(config: dict[str, Any]) -> None:
     )
     generator = Generator(config["transformer"], config["tokenizers"], gen_cfg)
     evaluator = LocalEvaluator.load(config["evaluator"], generator.device)
-    test = load_test_set(config["extract"], config["clips"])
-    ref = reference(evaluator, test.labels, test.mels.astype(np.float32), test.frames)
-    out = generator.run("image2audio", images=test.frames, seed=config["seed"], vocode=False)
-    scores = score_audio(evaluator.audio_outputs(out.mels), ref, np.arange(len(test)))
+    out = generator.run("image2audio", images=frames, seed=config["seed"], vocode=False)
+    scores = score_audio(evaluator.audio_outputs(out.mels), ref, np.arange(len(frames)))
     tune.report(scores | {"seconds": time.monotonic() - start})
 
 
@@ -103,7 +104,6 @@ def run_sweep(
         "transformer": str(Path(paths.transformer).resolve()),
         "tokenizers": str(Path(paths.tokenizers).resolve()),
         "evaluator": str(Path(paths.evaluator).resolve()),
-        "extract": str(Path(paths.extract).resolve()),
         "clips": cfg.clips,
         "seed": params.base.seed,
         "batch_size": max(params.generate.batch_size, cfg.clips),
@@ -112,6 +112,10 @@ def run_sweep(
         "threads": max(1, int(cfg.cpus_per_trial)),
     }
     space = {k: tune.grid_search(list(getattr(cfg, k))) for k in AXES}
+    # The subset and the evaluator's view of its real clips are the same for every trial.
+    test = load_test_set(paths.extract, cfg.clips)
+    evaluator = LocalEvaluator.load(paths.evaluator)
+    ref = reference(evaluator, test.labels, test.mels.astype(np.float32), test.frames)
     with ray_session():
         concurrent = max(
             1, int(ray.cluster_resources().get("CPU", usable_cores()) // cfg.cpus_per_trial)
@@ -125,7 +129,10 @@ def run_sweep(
                 )
             concurrent = min(concurrent, int(gpus // cfg.gpus_per_trial))
         tuner = tune.Tuner(
-            tune.with_resources(trial, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}),
+            tune.with_resources(
+                tune.with_parameters(trial, frames=test.frames, ref=ref),
+                {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial},
+            ),
             param_space=fixed | space,
             tune_config=tune.TuneConfig(
                 metric=cfg.metric, mode=cfg.mode, max_concurrent_trials=concurrent
