@@ -8,6 +8,8 @@ visual-echoes cogenerate --samples 4 --out generated/
 visual-echoes inpaint-audio --image cat.jpg --audio cat.wav --start 3 --end 5 --out fixed.wav
 visual-echoes inpaint-image --audio bark.wav --image dog.png --box 4 12 4 12 --out fixed.png
 visual-echoes compare --sort fd              table of MLflow runs (evaluate + sweep trials)
+visual-echoes submit --address http://HEAD:8265 --in-place train
+                                            `dvc repro train` as a Ray job; Ctrl-C stops it
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 from pipeline.compare import add_subcommand as add_compare
 from pipeline.errors import PipelineError
 from pipeline.inference.command import add_subcommands
+from pipeline.submit import add_subcommand as add_submit
 
 
 def _profile(args: argparse.Namespace) -> str:
@@ -51,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_check)
     add_subcommands(sub)
     add_compare(sub)
+    add_submit(sub)
     return parser
 
 
@@ -61,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as err:
         print(f"visual-echoes: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("visual-echoes: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
