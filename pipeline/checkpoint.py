@@ -1,7 +1,7 @@
 """Checkpoints: reading official weight files safely, and the project's weights + meta.json.
 
-Every load goes through `torch.load(weights_only=True)`: a file that needs code execution to
-unpickle is refused. Official files come in several nestings (Lightning's `{"state_dict": ...}`,
+Every load goes through `safe_load`, i.e. `torch.load(weights_only=True)`: a file that needs code
+execution to unpickle is refused. Official files come in several nestings (Lightning's `{"state_dict": ...}`,
 a bare state dict, DDP's `module.` or torch.compile's `_orig_mod.` prefixes); `read_state_dict`
 flattens them all. The project's own checkpoints are a folder with `weights.pt` (an unwrapped
 state dict) and `meta.json` (model config, layout, step, source revision, sha256).
@@ -47,10 +47,23 @@ def read_state_dict(path: str | Path) -> StateDict:
     code-carrying (unsafe pickle) file.
     """
     path = Path(path)
+    tensors = _flatten(safe_load(path))
+    if not tensors:
+        raise CheckpointError(f"checkpoint {path} holds no tensors")
+    return StateDict(tensors, io.sha256_file(path), str(path))
+
+
+def safe_load(path: str | Path) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU: tensors and plain containers only.
+
+    The one place a checkpoint file is unpickled. Raises CheckpointError with one sentence for a
+    missing, truncated or non-checkpoint file, and for one that needs code execution to load.
+    """
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first = _first_sentence(err)
         raise CheckpointError(
@@ -60,10 +73,6 @@ def read_state_dict(path: str | Path) -> StateDict:
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         first = _first_sentence(err)
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({first})") from None
-    tensors = _flatten(obj)
-    if not tensors:
-        raise CheckpointError(f"checkpoint {path} holds no tensors")
-    return StateDict(tensors, io.sha256_file(path), str(path))
 
 
 def _first_sentence(err: BaseException) -> str:

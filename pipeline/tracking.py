@@ -3,7 +3,14 @@
 Every stage logs one run into the experiment named in `base.experiment`, tagged with the stage
 name and the git commit. The tracking URI is `MLFLOW_TRACKING_URI` when set, else a SQLite
 database `mlflow.db` at the repository root (MLflow's own default since 3.7, made explicit so it
-does not depend on the working directory). Importing this module sets nothing; `stage_run` does.
+does not depend on the working directory). Importing this module sets nothing, and no global
+MLflow state is used: runs are logged through an `MlflowClient` for that URI.
+
+An http(s) server that does not answer when a stage starts stops the stage before any work, in
+one sentence (`TrackingError`). One that stops answering mid-run does not stop it: after MLflow's
+own retries (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`) the stage warns once and writes every later call
+to `<report_dir>/mlflow_unsent.jsonl` (one JSON object per call) instead of dropping it, and
+`mlflow_run.json` says the run is incomplete.
 """
 
 from __future__ import annotations
@@ -13,19 +20,24 @@ import datetime
 import json
 import logging
 import os
+import re
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pipeline import io
+from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DB = "mlflow.db"
 RUN_ID_FILE = "mlflow_run.json"
+UNSENT_FILE = "mlflow_unsent.jsonl"
+CHECK_TIMEOUT_S = 10.0  # a server that takes longer than this to answer at the start is down
+_USERINFO = re.compile(r"(://[^/@:\s]*):[^@\s]*@")  # "://user:password@" of a URI
 
 
 def tracking_uri(repo_root: str | Path = ".") -> str:
@@ -37,13 +49,12 @@ def tracking_uri(repo_root: str | Path = ".") -> str:
 
 
 def redact(uri: str) -> str:
-    """`uri` without a password (postgresql://user:secret@host/db -> postgresql://user@host/db)."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"{parts.username}@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """`uri` without a password (postgresql://user:secret@host/db -> postgresql://user@host/db).
+
+    A pattern, not a URL parser: a secret with unescaped '/' or '+' (AWS keys have them) breaks
+    `urlsplit`'s idea of where the host starts and would slip through.
+    """
+    return _USERINFO.sub(r"\1@", uri)
 
 
 def git_commit(repo_root: str | Path = ".") -> str:
@@ -60,7 +71,8 @@ def git_commit(repo_root: str | Path = ".") -> str:
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested params as MLflow's flat `a.b.c -> str` form; secrets are never included."""
+    """Nested params as MLflow's flat `a.b.c -> str` form; secrets are never included: keys
+    that name one are dropped, passwords in URIs (s3://id:secret@bucket) removed."""
     flat: dict[str, str] = {}
     for key, value in params.items():
         name = f"{prefix}{key}"
@@ -69,7 +81,8 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         elif _is_secret(key):
             continue
         else:
-            flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+            text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+            flat[name] = redact(text) if "://" in text else text
     return flat
 
 
@@ -77,56 +90,193 @@ def _is_secret(key: str) -> bool:
     return any(word in key.lower() for word in ("cookie", "token", "password", "secret", "key_id"))
 
 
-class StageRun:
-    """Handle for logging inside `stage_run`: metrics, params, artifacts, tags."""
+class TrackingError(PipelineError):
+    """The MLflow tracking server does not answer when a stage starts."""
 
-    def __init__(self, mlflow: Any, run_id: str) -> None:
-        self._mlflow = mlflow
-        self.run_id = run_id
+
+def check_server(uri: str, timeout_s: float = CHECK_TIMEOUT_S) -> None:
+    """For an http(s) tracking URI, one request to the server; TrackingError (one sentence)
+    when nothing answers. Any HTTP answer counts as reachable; local URIs are not checked."""
+    if urlsplit(uri).scheme not in ("http", "https"):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+    except requests.RequestException as err:
+        raise TrackingError(
+            f"the MLflow server at {redact(uri)} does not answer ({_reason(err)}); start it, "
+            "fix MLFLOW_TRACKING_URI, or unset it to log to mlflow.db in the repository"
+        ) from None
+
+
+def _reason(err: BaseException) -> str:
+    """A short cause: the OS error text ('Connection refused') or the exception's type."""
+    if (m := re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(err))) is not None:
+        return m[1].strip().lower()
+    return "no answer in time" if "timeout" in type(err).__name__.lower() else type(err).__name__
+
+
+def _unreachable(err: BaseException) -> bool:
+    """True for an error that says the server went away (no connection, a timeout, 5xx after
+    MLflow's own retries), False for a bad request, which is a bug and must stay loud."""
+    import requests
+
+    e: BaseException | None = err
+    for _ in range(8):
+        if e is None:
+            break
+        if isinstance(e, (requests.ConnectionError, requests.Timeout)):
+            return True
+        e = e.__cause__ or e.__context__
+    text = str(err)
+    return "API request to" in text and (
+        "failed with exception" in text or re.search(r"error code 5\d\d", text) is not None
+    )
+
+
+class _Sender:
+    """Sends to MLflow until the server stops answering, then writes what it could not send to
+    a JSON-lines file instead (one object per call), so that nothing is lost silently."""
+
+    def __init__(self, uri: str, run_id: str, unsent: Path | None) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(uri)
+        self.uri, self.run_id, self.unsent = uri, run_id, unsent
+        self.lost: str | None = None
+
+    def send(self, kind: str, payload: dict[str, Any], call: Callable[[], object]) -> None:
+        if self.lost is None:
+            try:
+                call()
+                return
+            except Exception as err:
+                if not _unreachable(err):
+                    raise
+                self.lost = _reason(err)
+                where = f"; what is not sent goes to {self.unsent}" if self.unsent else ""
+                log.warning(
+                    "the MLflow server at %s stopped answering (%s): run %s is incomplete%s",
+                    redact(self.uri), self.lost, self.run_id, where,
+                )  # fmt: skip
+        if self.unsent is None:
+            log.warning("MLflow unreachable, not sent: %s %s", kind, json.dumps(payload))
+            return
+        record = {"time": time.time(), "run_id": self.run_id, "kind": kind, **payload}
+        self.unsent.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.unsent, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+
+
+class StageRun:
+    """Handle for logging inside `stage_run`: metrics, params, artifacts, tags.
+
+    When the server stops answering mid-run, the stage goes on and every later call is written
+    to `<report_dir>/mlflow_unsent.jsonl` instead (see `_Sender`).
+    """
+
+    def __init__(self, sender: _Sender) -> None:
+        self._sender = sender
+        self.run_id = sender.run_id
+
+    @property
+    def lost(self) -> str | None:
+        """Why the server was given up on, None while it answers."""
+        return self._sender.lost
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        self._mlflow.log_params(flatten(params))
+        from mlflow.entities import Param
+
+        flat = flatten(params)
+        batch = [Param(k, v) for k, v in flat.items()]
+        self._sender.send(
+            "params",
+            {"params": flat},
+            lambda: self._sender.client.log_batch(self.run_id, params=batch),
+        )
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
-        self._mlflow.log_metrics(clean, step=step)
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, step or 0) for k, v in clean.items()]
+        self._sender.send(
+            "metrics",
+            {"step": step, "metrics": clean},
+            lambda: self._sender.client.log_batch(self.run_id, metrics=batch),
+        )
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if Path(path).exists():
-            self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+            self._sender.send(
+                "artifact",
+                {"path": str(path), "artifact_path": artifact_path},
+                lambda: self._sender.client.log_artifact(self.run_id, str(path), artifact_path),
+            )
 
     def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
         """Every file under `folder`, keeping the tree."""
         if Path(folder).is_dir():
-            self._mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+            self._sender.send(
+                "artifacts",
+                {"path": str(folder), "artifact_path": artifact_path},
+                lambda: self._sender.client.log_artifacts(self.run_id, str(folder), artifact_path),
+            )
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        self._mlflow.set_tags(dict(tags))
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._sender.send(
+            "tags",
+            {"tags": dict(tags)},
+            lambda: self._sender.client.log_batch(self.run_id, tags=batch),
+        )
 
     def handle(self) -> dict[str, str]:
         """What another process needs to log into this run (see `RunLogger`)."""
-        return {"tracking_uri": self._mlflow.get_tracking_uri(), "run_id": self.run_id}
+        handle = {"tracking_uri": self._sender.uri, "run_id": self.run_id}
+        if self._sender.unsent is not None:
+            handle["unsent"] = str(self._sender.unsent.resolve())
+        return handle
+
+    def _end(self, status: str) -> None:
+        self._sender.send(
+            "status",
+            {"status": status},
+            lambda: self._sender.client.set_terminated(self.run_id, status),
+        )
 
 
 class RunLogger:
     """Logs into an existing run from another process (a Ray Train rank-0 worker) by run id,
-    without starting or ending the run: the stage process owns it."""
+    without starting or ending the run: the stage process owns it. Gives up on a server that
+    stopped answering as `StageRun` does, writing to `unsent` instead."""
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        from mlflow.tracking import MlflowClient
-
-        self._client = MlflowClient(tracking_uri)
+    def __init__(self, tracking_uri: str, run_id: str, unsent: str | None = None) -> None:
+        self._sender = _Sender(tracking_uri, run_id, Path(unsent) if unsent else None)
         self.run_id = run_id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self._client.log_batch(self.run_id, metrics=batch)
+        clean = {k: float(v) for k, v in metrics.items()}
+        batch = [Metric(k, v, now, step or 0) for k, v in clean.items()]
+        self._sender.send(
+            "metrics",
+            {"step": step, "metrics": clean},
+            lambda: self._sender.client.log_batch(self.run_id, metrics=batch),
+        )
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+        self._sender.send(
+            "artifact",
+            {"path": str(path), "artifact_path": artifact_path},
+            lambda: self._sender.client.log_artifact(self.run_id, str(path), artifact_path),
+        )
 
 
 @contextlib.contextmanager
@@ -141,31 +291,56 @@ def stage_run(
 
     Logs `params` (flattened), tags `stage` and `git_commit` (and `dvc_exp` inside `dvc exp run`),
     records the wall time as `seconds`, and writes the run id to `<report_dir>/mlflow_run.json`
-    beside the stage's DVC metrics. A failing stage ends its run as FAILED.
+    beside the stage's DVC metrics. A failing stage ends its run as FAILED (KILLED when
+    interrupted). A server that does not answer at the start is a TrackingError before any work;
+    one that stops answering later is written around (see `StageRun`).
     """
-    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    from mlflow.tracking.context.registry import resolve_tags
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(tracking_uri(repo_root))
-    mlflow.set_experiment(experiment)
+    uri = tracking_uri(repo_root)
+    check_server(uri)
     tags = {"stage": stage, "git_commit": git_commit(repo_root)}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp"] = os.environ["DVC_EXP_NAME"]
+    tags = resolve_tags(tags)  # + user, source: what mlflow.start_run adds
+    client = MlflowClient(uri)
+    try:
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = (
+            found.experiment_id if found is not None else client.create_experiment(experiment)
+        )
+        run_id = client.create_run(experiment_id, tags=tags, run_name=stage).info.run_id
+    except MlflowException as err:
+        if not _unreachable(err):
+            raise
+        raise TrackingError(
+            f"the MLflow server at {redact(uri)} failed while starting the run "
+            f"({_reason(err)}); rerun when it answers, or unset MLFLOW_TRACKING_URI"
+        ) from None
+    unsent = Path(report_dir) / UNSENT_FILE
+    unsent.unlink(missing_ok=True)  # an earlier run's leftovers belong to that run
+    handle = StageRun(_Sender(uri, run_id, unsent))
     start = time.monotonic()
-    with mlflow.start_run(run_name=stage, tags=tags) as run:
-        handle = StageRun(mlflow, run.info.run_id)
+    try:
         handle.log_params(params)
         yield handle
         handle.log_metrics({"seconds": time.monotonic() - start})
-    io.write_json(
-        Path(report_dir) / RUN_ID_FILE,
-        {
-            "run_id": run.info.run_id,
-            "experiment": experiment,
-            "tracking_uri": redact(tracking_uri(repo_root)),
-        },
-    )
-    log.info("MLflow run %s in experiment %r", run.info.run_id, experiment)
+    except BaseException as err:
+        handle._end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    handle._end("FINISHED")
+    record = {"run_id": run_id, "experiment": experiment, "tracking_uri": redact(uri)}
+    if handle.lost:
+        record["unsent"] = UNSENT_FILE
+        log.warning(
+            "MLflow run %s is incomplete (the server stopped answering): the rest is in %s",
+            run_id, unsent,
+        )  # fmt: skip
+    io.write_json(Path(report_dir) / RUN_ID_FILE, record)
+    log.info("MLflow run %s in experiment %r", run_id, experiment)
 
 
 def search_runs(experiment: str, uri: str) -> list[dict[str, Any]] | None:

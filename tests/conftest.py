@@ -328,3 +328,120 @@ def tiny_project(tmp_path_factory) -> Path:
     run_in(repo, "dvc", "init", "-q")
     run_in(repo, "dvc", "config", "core.analytics", "false")
     return repo
+
+
+# ------------------------------------------------ reliability: stage processes to interrupt
+
+
+class StageProject:
+    """A scratch folder where `python -m stages.<name>` runs as a child process.
+
+    `params(overrides)` writes params.yaml: the repository's, with `overrides` merged in (paths
+    stay relative, so every output lands in the folder). Each child runs in its own process group
+    with this venv first on PATH, the repository on PYTHONPATH and a SQLite MLflow store in the
+    folder; stdout and stderr go to files (a pipe could fill up and stall a child being killed).
+    """
+
+    def __init__(self, root: Path, mlflow_db: Path | None = None) -> None:
+        import shutil
+
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.runs = 0
+        if mlflow_db is not None:  # an empty store made once: creating one takes seconds
+            shutil.copy(mlflow_db, root / "mlflow.db")
+
+    def params(self, overrides: dict) -> None:
+        import yaml
+
+        from pipeline.config import merge, parse_params
+
+        data = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
+        parse_params(data)
+        (self.root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+    def env(self, **extra: str) -> dict[str, str]:
+        import os
+        import sys
+
+        env = dict(os.environ)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+        env["PYTHONPATH"] = str(ROOT)
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{self.root / 'mlflow.db'}"
+        env.update(extra)
+        return env
+
+    def start(self, stage: str, **env: str) -> subprocess.Popen:
+        import sys
+
+        self.runs += 1
+        log = self.root / f"run-{self.runs}-{stage}"
+        with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", f"stages.{stage}"],
+                cwd=self.root,
+                env=self.env(**env),
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        proc.log = log  # type: ignore[attr-defined]
+        return proc
+
+    @staticmethod
+    def output(proc: subprocess.Popen) -> tuple[str, str]:
+        """(stdout, stderr) of a finished child."""
+        log = proc.log  # type: ignore[attr-defined]
+        return Path(f"{log}.out").read_text(), Path(f"{log}.err").read_text()
+
+    def run(self, stage: str, timeout: float = 300, **env: str) -> tuple[int, str, str]:
+        proc = self.start(stage, **env)
+        try:
+            proc.wait(timeout)
+        finally:
+            self.stop(proc)
+        return proc.returncode, *self.output(proc)
+
+    @staticmethod
+    def wait_for(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
+        """Poll `ready()` every 20 ms until it is true; fails if the child ended first."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert proc.poll() is None, f"the stage ended (status {proc.returncode}) too early"
+            assert time.monotonic() < deadline, "the stage never reached the point to interrupt"
+            time.sleep(0.02)
+
+    @staticmethod
+    def stop(proc: subprocess.Popen, sig: int | None = None, timeout: float = 60) -> int:
+        """Send `sig` to the stage process (only it, as the OOM killer would), wait for it, then
+        kill whatever of its process group is left (ffmpeg children, Ray helpers)."""
+        import contextlib
+        import os
+        import signal
+
+        if sig is not None and proc.poll() is None:
+            os.kill(proc.pid, sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return proc.returncode
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory) -> Path:
+    """A SQLite MLflow store with its tables created and no runs."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def stage_project(tmp_path, empty_mlflow_db) -> StageProject:
+    """A `StageProject` in a fresh temporary folder."""
+    return StageProject(tmp_path / "project", empty_mlflow_db)

@@ -6,8 +6,10 @@ local), writes `<clips>/manifest.parquet` and returns a `DownloadSummary`.
 `download_vggsound` fetches 10-s sections with the yt-dlp Python API in a thread pool. Each clip is
 written inside `<clips>/.tmp-download/`, verified (video + audio, 10 s ± 1.5 s), then renamed to
 `videos/<shard>/<clip_id>.mp4`; only then is it `ok`. Failures are classified into the manifest
-statuses; transient ones are retried, rate limits and bot checks pause every worker. The manifest
-is saved every few completions so that a killed run resumes where it stopped.
+statuses; transient ones are retried, rate limits and bot checks pause every worker, and a server
+that no longer answers at all (connection refused, no route, DNS) ends the run with its progress
+saved instead of marking every remaining clip failed. The manifest is saved every few completions
+so that a killed run resumes where it stopped.
 
 yt-dlp and ffprobe: yt-dlp's check "is ffmpeg available" (`FFmpegFD.available`) ignores the
 `ffmpeg_location` parameter and looks on $PATH, so with only the imageio-ffmpeg binary a section
@@ -234,6 +236,7 @@ class Failure:
     transient: bool
     message: str
     retry_after_s: float | None = None
+    offline: bool = False  # nothing answers at all: says nothing about the clip
 
 
 # Message rules, checked in order on the lower-cased text of the whole exception chain.
@@ -265,10 +268,18 @@ _RULES: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
     ),
 )
 _HTTP_CODE = re.compile(r"(?:http error|server returned)\s*(\d{3})")
+# No server at all (it vanished, the network or DNS is down): stop the run, retry next time.
+_OFFLINE = (
+    "connection refused",
+    "network is unreachable",
+    "no route to host",
+    "name or service not known",
+    "temporary failure in name resolution",
+    "nodename nor servname",
+)
 _DROPPED = (
     "connection reset",
     "connection aborted",
-    "connection refused",
     "remote end closed",
     "remotedisconnected",
     "broken pipe",
@@ -286,7 +297,8 @@ def classify_error(err: BaseException) -> Failure:
     404/410 count as `unavailable` (the video is not there), other HTTP codes as `http_error`
     (5xx, 403 and dropped connections are transient), 429 as `rate_limited`, timeouts as
     `timeout`; an incomplete file and an ffmpeg failure are transient `other`, a section past
-    the end of the video a permanent `other`.
+    the end of the video a permanent `other`. A refused connection or an unknown host is a
+    transient `http_error` marked `offline`: the server is gone, not the clip.
     """
     chain = _chain(err)
     parts: list[str] = []
@@ -310,6 +322,8 @@ def classify_error(err: BaseException) -> Failure:
         return Failure("unavailable", False, message)
     if code is not None:
         return Failure("http_error", code >= 500 or code in (403, 408), message)
+    if any(isinstance(e, ConnectionRefusedError) for e in chain) or any(n in low for n in _OFFLINE):
+        return Failure("http_error", True, message, offline=True)
     if any(isinstance(e, (TimeoutError, socket.timeout)) for e in chain) or "timed out" in low:
         return Failure("timeout", True, message)
     if any(isinstance(e, ConnectionError) for e in chain) or any(n in low for n in _DROPPED):
@@ -473,12 +487,23 @@ def download_vggsound(
             f"YouTube kept refusing ({run.gave_up}) after backing off up to "
             f"{vcfg.max_backoff_s:.0f} s; progress is saved, rerun later"
         )
+    if run.offline is not None:
+        raise DownloadError(
+            f"the server stopped answering ({run.offline}) after {len(out)} of "
+            f"{len(selected)} clips were settled; progress is saved, rerun when it is back"
+        )
     return out
 
 
 def verify_clip(path: str | Path, expected_s: float | None = CLIP_SECONDS) -> Probe:
-    """Probe `path`: it must have video and audio and last `expected_s` ± 1.5 s (None: any)."""
-    info = probe(path)
+    """Probe `path`: it must have video and audio and last `expected_s` ± 1.5 s (None: any).
+
+    Raises ClipVerifyError, also for a file ffmpeg cannot read at all (a cut-off download).
+    """
+    try:
+        info = probe(path)
+    except MediaError as err:
+        raise ClipVerifyError(str(err)) from None
     if not (info.has_video and info.has_audio):
         kind = "video" if not info.has_video else "audio"
         raise ClipVerifyError(f"{Path(path).name} has no {kind} stream")
@@ -592,6 +617,7 @@ class _Run:
         self.gate = RateGate(vcfg.backoff_s, vcfg.max_backoff_s)
         self.stop = threading.Event()
         self.gave_up: str | None = None
+        self.offline: str | None = None  # why the run stopped: no server answered
         self._local = threading.local()
         self._lock = threading.Lock()
         self._workers: list[Any] = []
@@ -678,8 +704,9 @@ def _fetch_all(todo: Sequence[VGGSoundEntry], run: _Run, records: dict[str, Clip
     counts: Counter[str] = Counter()
     saved_n, saved_at = 0, time.monotonic()
     pool = ThreadPoolExecutor(max_workers=run.vcfg.workers, thread_name_prefix="download")
+    futures: list[Future[ClipRecord | None]] = [pool.submit(_fetch, e, run) for e in todo]
     try:
-        pending: set[Future[ClipRecord | None]] = {pool.submit(_fetch, e, run) for e in todo}
+        pending = set(futures)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
@@ -702,6 +729,11 @@ def _fetch_all(todo: Sequence[VGGSoundEntry], run: _Run, records: dict[str, Clip
     finally:
         run.stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
+        # After Ctrl-C or SIGTERM, clips that finished (or were in flight) are kept too.
+        ended = [
+            f.result() for f in futures if f.done() and not f.cancelled() and not f.exception()
+        ]
+        records.update({r.clip_id: r for r in ended if r is not None})
         bar.close()
 
 
@@ -738,6 +770,11 @@ def _fetch(entry: VGGSoundEntry, run: _Run) -> ClipRecord | None:
             if run.stop.wait(RETRY_DELAY_S * transient):
                 break
             continue
+        elif failure.offline:  # not the clip's fault: leave it unrecorded for the next run
+            low = failure.message.lower()
+            run.offline = next((n for n in _OFFLINE if n in low), "no connection")
+            run.stop.set()
+            break
         return _record(entry, status=failure.status, error=failure.message, attempts=attempts)
     return None
 

@@ -28,7 +28,8 @@ Failure reasons (`REASONS`); a failed clip never stops the stage:
     no_audio     no audio stream
     too_short    shorter than MIN_SECONDS (1 s) by header or by decoded audio
     silent       audio peak below SILENCE_PEAK (-60 dBFS) over the first clip_seconds
-    error        anything unexpected (bad split name, a bug); detail holds the exception
+    error        anything unexpected (a split or clip id that is not a safe name, a bug); detail
+                 holds the exception
 Flags (`FLAGS`) on successful rows:
     black_frames every sampled frame is near-black (no pixel above BLACK_LEVEL)
     portrait     the video is taller than wide (the centre crop loses the top and bottom)
@@ -90,7 +91,9 @@ JPEG_SETTINGS = {"format": "JPEG", "optimize": False, "progressive": False, "sub
 META_NAME = "meta.json"
 FAILURES_NAME = "failures.parquet"
 CACHE_SUBDIR = "extract"
-_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# Clip ids become file names downstream (evaluate's samples): never a path or odd text.
+_CLIP_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")  # VGGSound ids may start with "-"
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -402,8 +405,10 @@ def _row(record: ClipRecord, clips_dir: Path, cfg: ExtractConfig) -> dict[str, A
         "flags": None,
     }
     try:
-        if not _SPLIT_NAME.match(record.split):
+        if not _SPLIT_NAME.fullmatch(record.split):
             raise ClipError("error", f"split {record.split!r} is not a valid folder name")
+        if not _CLIP_ID.fullmatch(record.clip_id):
+            raise ClipError("error", f"clip id {record.clip_id!r} is not a safe file name")
         try:
             path = io.inside(clips_dir, record.path)
         except ValueError as err:
@@ -578,7 +583,8 @@ def _meta(
     """The sidecar later stages size themselves from (hashes the files already in `tmp`)."""
     g = audio.geometry(cfg)
     shards, failures, flags = done.shards, done.failures, done.flags
-    splits = sorted({r.split for r in records} | set(shards))
+    # a split that is not a safe folder name failed its rows (`_row`): it is no split here
+    splits = sorted({r.split for r in records if _SPLIT_NAME.fullmatch(r.split)} | set(shards))
     for entries in shards.values():
         for e in entries:
             e["sha256"] = io.sha256_file(tmp / e["path"])

@@ -23,6 +23,7 @@ import io as _stdio
 import os
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,9 @@ KINDS = {"image": IMAGE_SUFFIXES, "audio": AUDIO_SUFFIXES, "video": VIDEO_SUFFIX
 # a quiet recording at -70 dBFS still shows above the mel floor, while -80 dBFS and below is
 # (near) digital silence that would give a blank mel.
 SILENCE_PEAK = 1e-4
+# The short side is scaled to image_size before the centre crop; beyond this many pixels the
+# scaled picture (a very elongated strip) would cost more memory than any real photo.
+MAX_SCALED_PIXELS = 1 << 24  # 16.8 M: a 256 x 65,536 strip at the paper's image size
 
 
 class InputError(PipelineError):
@@ -167,22 +171,31 @@ def _image(path: Path, cfg: ExtractConfig, strict: bool = True) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as opened:
-            img = ImageOps.exif_transpose(opened)  # phone photos store rotation in EXIF
-            img.load()
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that, then decodes anyway.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                img = ImageOps.exif_transpose(opened)  # phone photos store rotation in EXIF
+                img.load()
     except UnidentifiedImageError:
         if not strict:
             raise
         # Pillow also refuses zero-size images here, whatever the format.
         raise InputError(f"{path} is not a readable image") from None
-    except Image.DecompressionBombError:
-        raise InputError(f"{path} is too large an image to read safely") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(
+            f"{path} is too large an image to read safely (over {Image.MAX_IMAGE_PIXELS:,} pixels)"
+        ) from None
     except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt data
         reason = str(err).replace(str(path), path.name).replace("\n", " ")
         raise InputError(f"{path} is not a readable image ({reason})") from None
-    img = _rgb(img)
     s = cfg.image_size
     (w, h), (x, y) = _cover_box(img.width, img.height, s)
+    if w * h > MAX_SCALED_PIXELS:  # a 1 x 200,000 strip is small, but not once scaled up
+        raise InputError(
+            f"{path} is {img.width}x{img.height} pixels, too elongated to scale to a {s}x{s} frame"
+        )
+    img = _rgb(img)
     img = img.resize((w, h), Image.Resampling.BICUBIC).crop((x, y, x + s, y + s))
     return _stored_frame(np.asarray(img, dtype=np.uint8), cfg)
 

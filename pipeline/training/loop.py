@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline import io
+from pipeline import checkpoint, io
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.data.token_dataset import StepSampler, TokenSplit, step_seed
 from pipeline.devices import autocast, choose_precision
@@ -312,14 +312,18 @@ class FolderEnvironment:
         return model
 
     def restore(self) -> dict[str, Any] | None:
-        found = sorted(Path(self.folder).glob("checkpoint_*/" + STATE_NAME))
-        return load_state(found[-1].parent) if found else None
+        found = sorted(Path(self.folder).glob("checkpoint_*/" + STATE_NAME), reverse=True)
+        return first_loadable([p.parent for p in found])
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         if state is None:
             return
-        save_state(Path(self.folder) / f"checkpoint_{state['step']:08d}", state)
-        for old in sorted(Path(self.folder).glob("checkpoint_*"))[: -self.keep]:
+        saved = save_state(Path(self.folder) / f"checkpoint_{state['step']:08d}", state)
+        others = sorted(p for p in Path(self.folder).glob("checkpoint_*") if p != saved)
+        older = [p for p in others if p.name < saved.name]
+        # Later steps are what a resumed run fell back from (unreadable): never keep them.
+        stale = [p for p in others if p.name > saved.name]
+        for old in stale + older[: max(0, len(older) - (self.keep - 1))]:
             shutil.rmtree(old)
 
 
@@ -331,4 +335,24 @@ def save_state(folder: Path, state: dict[str, Any]) -> Path:
 
 
 def load_state(folder: str | Path) -> dict[str, Any]:
-    return torch.load(Path(folder) / STATE_NAME, map_location="cpu", weights_only=True)
+    """The state saved in `folder`; CheckpointError for a corrupt or unsafe file."""
+    return checkpoint.safe_load(Path(folder) / STATE_NAME)
+
+
+def first_loadable(folders: list[Path]) -> dict[str, Any] | None:
+    """The state of the first of `folders` (newest first) that loads, None when there are none.
+
+    A corrupt checkpoint (a crash while the disk filled, a bad copy) is skipped with a warning
+    and the one before it is used; TrainError when none of them loads.
+    """
+    for i, folder in enumerate(folders):
+        try:
+            return load_state(folder)
+        except checkpoint.CheckpointError as err:
+            if i + 1 == len(folders):
+                raise TrainError(
+                    f"no checkpoint of this run can be read (last error: {err}); delete "
+                    f"{Path(folder).parent} or set train.run_name to start a new run"
+                ) from None
+            log.warning("train: %s; falling back to %s", err, folders[i + 1].name)
+    return None

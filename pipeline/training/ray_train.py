@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.checkpoint import CheckpointError
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.data.token_dataset import TokenSplit
 from pipeline.devices import usable_cores
@@ -115,10 +116,7 @@ class RayEnvironment:
         if self._local is not None:
             return self._local.restore()
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            return load_state(folder)
+        return None if checkpoint is None else restore_checkpoint(checkpoint)
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         import ray.train
@@ -133,6 +131,36 @@ class RayEnvironment:
         with tempfile.TemporaryDirectory(prefix="ve-ckpt-") as folder:
             save_state(Path(folder), state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def restore_checkpoint(checkpoint: Any) -> dict[str, Any]:
+    """The state of a Ray checkpoint; when it cannot be read, that of the newest earlier
+    checkpoint of the same run (a sibling `checkpoint_*` folder in the storage), with a warning.
+    Raises TrainError when none can be read."""
+    import pyarrow.fs
+    import ray.train
+
+    fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    parent, name = path.rsplit("/", 1)
+    earlier = sorted(
+        (i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(parent))
+         if i.type == pyarrow.fs.FileType.Directory
+         and i.base_name.startswith("checkpoint_") and i.base_name < name),
+        reverse=True,
+    )  # fmt: skip
+    candidates = [checkpoint, *(ray.train.Checkpoint(p, filesystem=fs) for p in earlier)]
+    for candidate, fallback in zip(candidates, [*earlier, None], strict=True):
+        try:
+            with candidate.as_directory() as folder:
+                return load_state(folder)
+        except CheckpointError as err:
+            if fallback is None:
+                raise TrainError(
+                    f"no checkpoint of this run can be read (last error: {err}); delete "
+                    f"{parent} or set train.run_name to start a new run"
+                ) from None
+            log.warning("train: %s; falling back to %s", err, fallback.rsplit("/", 1)[-1])
+    raise TrainError(f"no checkpoint in {parent}")  # not reached: the loop returns or raises
 
 
 def _worker(config: dict[str, Any]) -> None:
