@@ -317,3 +317,28 @@ def test_no_credential_reaches_mlflow_a_manifest_or_a_log(
         {"train": {"storage_path": f"s3://AKIAIOSFODNN7EXAMPLE:{aws_secret}@b/p"}}
     )
     assert flat == {"train.storage_path": "s3://AKIAIOSFODNN7EXAMPLE@b/p"}
+
+
+def test_a_storage_password_does_not_travel_with_the_exported_weights(tmp_path, make_token_dir):
+    import dataclasses
+
+    from pipeline.config import load_params
+    from pipeline.tokenizers.batch_tokenize import load_token_meta
+    from pipeline.training import loop, reports
+
+    params = load_params(ROOT / "params.yaml")
+    layout, _ = load_token_meta(make_token_dir(tmp_path / "tokens"))
+    model = dataclasses.replace(
+        params.model, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16,
+        decoder_depth=1, decoder_num_heads=2,
+    )  # fmt: skip
+    train = dataclasses.replace(params.train, storage_path="s3://AKIAEXAMPLE:wJalr/K7+x@b/p")
+    job = loop.TrainJob(model, train, layout.to_dict(), str(tmp_path / "tokens"), 0, "f")
+    state = {
+        "model": loop.build_model(job).state_dict(),
+        "step": 0,
+        "history": {"train": [], "val": []},
+    }
+    reports.export_model(state, job, "run", tmp_path / "out")
+    meta = (tmp_path / "out" / "meta.json").read_text()
+    assert "wJalr" not in meta and "s3://AKIAEXAMPLE@b/p" in meta

@@ -113,7 +113,8 @@ def export_model(
         "step": int(state["step"]),
         "parameters": count_parameters(model),
         "precision": state.get("precision", "fp32"),
-        "train": as_dict(job.train),
+        # A password in an s3://id:secret@bucket storage path must not travel with the weights.
+        "train": as_dict(job.train) | {"storage_path": tracking.redact(job.train.storage_path)},
         "seed": job.seed,
         "run_name": name,
         "fingerprint": job.fingerprint,
