@@ -374,7 +374,14 @@ def _tail(client: Any, job_id: str, printer: LogPrinter) -> None:
         async for chunk in client.tail_job_logs(job_id):
             printer.feed(chunk)
 
-    asyncio.run(follow())
+    # Not asyncio.run: its SIGINT handler only cancels the task, and a websocket read that does
+    # not give way to the cancellation would swallow Ctrl-C. A bare loop lets KeyboardInterrupt
+    # out of the selector at once; the pending task is dropped with the loop.
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(follow())
+    finally:
+        loop.close()
 
 
 def follow(client: Any, job_id: str, printer: LogPrinter, poll_s: float = 2.0) -> str:

@@ -91,7 +91,9 @@ def test_two_workers_train_resume_and_export(tmp_path, make_token_dir, ray_up, m
     # Rank 0 logged per-step metrics into the stage's MLflow run.
     from mlflow.tracking import MlflowClient
 
-    history = MlflowClient().get_metric_history(run_id, "loss_audio")
+    # An explicit URI: an earlier test may have set MLflow's process-wide one.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    history = client.get_metric_history(run_id, "loss_audio")
     assert [m.step for m in history] == [2, 4]
 
 
