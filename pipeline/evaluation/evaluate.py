@@ -48,16 +48,8 @@ READ_COLUMNS = ["clip_id", "label", "frames", "mel"]
 
 
 @dataclass
-class TestSet:
-    """The clips evaluated: the conditioning frame (n, S, S, 3) and the mel (n, F, T) of each."""
-
-    clip_ids: list[str]
-    labels: list[str]
-    frames: np.ndarray
-    mels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.clip_ids)
+class TestSet(Clips):
+    """The clips evaluated: `Clips` with only the conditioning frame, frames (n, S, S, 3)."""
 
 
 def spread(n: int, k: int) -> np.ndarray:
