@@ -58,7 +58,7 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -261,40 +261,73 @@ def ffmpeg_command(
 
 
 @dataclass(frozen=True)
-class _Run:
+class FfmpegRun:
+    """One ffmpeg process: frames (k, S, S, 3) uint8 (whole frames only), the wave (T,) float32
+    when asked for, and stderr with the input's absolute path shortened to its file name."""
+
     returncode: int
-    decoded: Decoded
+    frames: np.ndarray
+    wave: np.ndarray | None
     stderr: str
 
+    def failure(self) -> str:
+        """ffmpeg's last log line, the one that says why it stopped."""
+        lines = self.stderr.strip().splitlines()
+        return lines[-1].strip() if lines else f"exit status {self.returncode}"
 
-def _run_ffmpeg(path: Path, cfg: ExtractConfig, span_s: float, loglevel: str) -> _Run:
-    """Run `ffmpeg_command`; raises ClipError("unreadable") only on a timeout."""
-    fd, tmp = tempfile.mkstemp(prefix="extract-", suffix=".f32")
-    os.close(fd)
-    audio_path = Path(tmp)
+
+def run_ffmpeg(
+    command: Callable[[Path | None], list[str]],
+    path: Path,
+    image_size: int,
+    *,
+    sound: bool,
+    on_timeout: Callable[[], Exception],
+) -> FfmpegRun:
+    """Run `command(audio_path)` on `path`: raw RGB frames come on stdout, the wave (with `sound`)
+    through a temporary float32 file that is always removed. A run over DECODE_TIMEOUT_S raises
+    `on_timeout()`; any other failure is in the returned run."""
+    audio_path = None
+    if sound:
+        fd, tmp = tempfile.mkstemp(prefix="ffmpeg-", suffix=".f32")
+        os.close(fd)
+        audio_path = Path(tmp)
     try:
         try:
             proc = subprocess.run(
-                ffmpeg_command(path, cfg, span_s, audio_path, loglevel),
-                capture_output=True,
-                timeout=DECODE_TIMEOUT_S,
+                command(audio_path), capture_output=True, timeout=DECODE_TIMEOUT_S
             )
         except subprocess.TimeoutExpired:
-            raise ClipError("unreadable", f"decoding took over {DECODE_TIMEOUT_S:.0f} s") from None
-        samples = np.fromfile(audio_path, dtype="<f4")
+            raise on_timeout() from None
+        wave = np.fromfile(audio_path, dtype="<f4") if audio_path is not None else None
     finally:
-        audio_path.unlink(missing_ok=True)
-    frame = cfg.image_size * cfg.image_size * 3
+        if audio_path is not None:
+            audio_path.unlink(missing_ok=True)
+    frame = image_size * image_size * 3
     usable = len(proc.stdout) // frame * frame
-    frames = np.frombuffer(proc.stdout[:usable], np.uint8)
-    frames = frames.reshape(-1, cfg.image_size, cfg.image_size, 3)[: cfg.num_frames]
+    frames = np.frombuffer(proc.stdout[:usable], np.uint8).reshape(-1, image_size, image_size, 3)
     stderr = proc.stderr.decode("utf-8", "replace").replace(str(path.resolve()), path.name)
-    return _Run(proc.returncode, Decoded(frames, samples), stderr)
+    return FfmpegRun(proc.returncode, frames, wave, stderr)
 
 
-def _failed(run: _Run) -> ClipError:
-    lines = run.stderr.strip().splitlines()
-    return ClipError("unreadable", f"ffmpeg failed: {lines[-1] if lines else run.returncode}")
+def _run_ffmpeg(path: Path, cfg: ExtractConfig, span_s: float, loglevel: str) -> FfmpegRun:
+    """Run `ffmpeg_command`; raises ClipError("unreadable") only on a timeout."""
+    return run_ffmpeg(
+        lambda audio_path: ffmpeg_command(path, cfg, span_s, audio_path, loglevel),
+        path,
+        cfg.image_size,
+        sound=True,
+        on_timeout=lambda: ClipError("unreadable", f"decoding took over {DECODE_TIMEOUT_S:.0f} s"),
+    )
+
+
+def _failed(run: FfmpegRun) -> ClipError:
+    return ClipError("unreadable", f"ffmpeg failed: {run.failure()}")
+
+
+def _decoded(run: FfmpegRun, cfg: ExtractConfig) -> Decoded:
+    assert run.wave is not None
+    return Decoded(run.frames[: cfg.num_frames], run.wave)
 
 
 def decode_clip(path: Path, cfg: ExtractConfig, duration_s: float | None) -> Decoded:
@@ -306,7 +339,7 @@ def decode_clip(path: Path, cfg: ExtractConfig, duration_s: float | None) -> Dec
     run = _run_ffmpeg(path, cfg, span, "error")
     if run.returncode != 0:
         raise _failed(run)
-    return run.decoded
+    return _decoded(run, cfg)
 
 
 def decode_with_header(path: Path, cfg: ExtractConfig) -> tuple[Probe, Decoded]:
@@ -334,7 +367,7 @@ def decode_with_header(path: Path, cfg: ExtractConfig) -> tuple[Probe, Decoded]:
         raise _failed(run)
     if info.duration_s is not None and round(info.duration_s, 3) < cfg.clip_seconds:
         return info, decode_clip(path, cfg, info.duration_s)
-    return info, run.decoded
+    return info, _decoded(run, cfg)
 
 
 def jpeg_bytes(frame: np.ndarray, quality: int) -> bytes:

@@ -20,9 +20,6 @@ Every problem with the file is an `InputError` whose message is one sentence nam
 from __future__ import annotations
 
 import io as _stdio
-import os
-import subprocess
-import tempfile
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -246,51 +243,20 @@ def _command(
     return cmd
 
 
-@dataclass(frozen=True)
-class _Run:
-    """One ffmpeg process: frames (k, S, S, 3) uint8, wave (T,) float32 when asked for,
-    stderr with the absolute path shortened to the file name."""
-
-    returncode: int
-    frames: np.ndarray
-    wave: np.ndarray | None
-    stderr: str
-
-    def failure(self) -> str:
-        """ffmpeg's last log line, the one that says why it stopped."""
-        lines = self.stderr.strip().splitlines()
-        return lines[-1].strip() if lines else f"exit status {self.returncode}"
-
-
-def _run(path: Path, cfg: ExtractConfig, video: bool, span_s: float | None, sound: bool) -> _Run:
+def _run(
+    path: Path, cfg: ExtractConfig, video: bool, span_s: float | None, sound: bool
+) -> extract.FfmpegRun:
     """Run `_command` (audio through a temporary file, as extract does). Raises InputError on
     a timeout."""
-    audio_path = None
-    if sound:
-        fd, tmp = tempfile.mkstemp(prefix="inputs-", suffix=".f32")
-        os.close(fd)
-        audio_path = Path(tmp)
-    try:
-        try:
-            proc = subprocess.run(
-                _command(path, cfg, video, span_s, audio_path),
-                capture_output=True,
-                timeout=extract.DECODE_TIMEOUT_S,
-            )
-        except subprocess.TimeoutExpired:
-            raise InputError(
-                f"{path} took over {extract.DECODE_TIMEOUT_S:.0f} s to decode"
-            ) from None
-        wave = np.fromfile(audio_path, dtype="<f4") if audio_path else None
-    finally:
-        if audio_path:
-            audio_path.unlink(missing_ok=True)
-    size = cfg.image_size * cfg.image_size * 3
-    usable = len(proc.stdout) // size * size
-    frames = np.frombuffer(proc.stdout[:usable], np.uint8)
-    frames = frames.reshape(-1, cfg.image_size, cfg.image_size, 3)
-    stderr = proc.stderr.decode("utf-8", "replace").replace(str(path.resolve()), path.name)
-    return _Run(proc.returncode, frames, wave, stderr)
+    return extract.run_ffmpeg(
+        lambda audio_path: _command(path, cfg, video, span_s, audio_path),
+        path,
+        cfg.image_size,
+        sound=sound,
+        on_timeout=lambda: InputError(
+            f"{path} took over {extract.DECODE_TIMEOUT_S:.0f} s to decode"
+        ),
+    )
 
 
 def _decode(path: Path, cfg: ExtractConfig, video: bool, sound: bool) -> _Media:
