@@ -250,33 +250,13 @@ class StageRun:
         )
 
 
-class RunLogger:
+class RunLogger(StageRun):
     """Logs into an existing run from another process (a Ray Train rank-0 worker) by run id,
     without starting or ending the run: the stage process owns it. Gives up on a server that
     stopped answering as `StageRun` does, writing to `unsent` instead."""
 
     def __init__(self, tracking_uri: str, run_id: str, unsent: str | None = None) -> None:
-        self._sender = _Sender(tracking_uri, run_id, Path(unsent) if unsent else None)
-        self.run_id = run_id
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        clean = {k: float(v) for k, v in metrics.items()}
-        batch = [Metric(k, v, now, step or 0) for k, v in clean.items()]
-        self._sender.send(
-            "metrics",
-            {"step": step, "metrics": clean},
-            lambda: self._sender.client.log_batch(self.run_id, metrics=batch),
-        )
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._sender.send(
-            "artifact",
-            {"path": str(path), "artifact_path": artifact_path},
-            lambda: self._sender.client.log_artifact(self.run_id, str(path), artifact_path),
-        )
+        super().__init__(_Sender(tracking_uri, run_id, Path(unsent) if unsent else None))
 
 
 @contextlib.contextmanager
