@@ -14,7 +14,7 @@ import yaml
 from ruamel.yaml import YAML
 
 from pipeline import io
-from pipeline.config import ConfigError, merge, parse_params
+from pipeline.config import ConfigError, Params, merge, parse_params
 
 
 def _overlay(target: Any, overlay: dict[str, Any], key: str = "") -> None:
@@ -28,15 +28,26 @@ def _overlay(target: Any, overlay: dict[str, Any], key: str = "") -> None:
             target[name] = value
 
 
-def apply_profile(profile: str | Path, params_path: str | Path = "params.yaml") -> None:
-    """Write the keys of `profile` into `params_path`, keeping its comments."""
-    params_path, profile = Path(params_path), Path(profile)
+def _read_overlay(profile: Path) -> dict[str, Any]:
     if not profile.is_file():
         raise ConfigError(f"{profile}: profile file not found")
     overlay = yaml.safe_load(profile.read_text()) or {}
     if not isinstance(overlay, dict):
         raise ConfigError(f"{profile}: a profile must be a mapping of params sections")
-    parse_params(merge(yaml.safe_load(params_path.read_text()), overlay))
+    return overlay
+
+
+def load_profile(profile: str | Path, params_path: str | Path = "params.yaml") -> Params:
+    """The params `profile` would give `params_path`, validated, without writing anything."""
+    overlay = _read_overlay(Path(profile))
+    return parse_params(merge(yaml.safe_load(Path(params_path).read_text()), overlay))
+
+
+def apply_profile(profile: str | Path, params_path: str | Path = "params.yaml") -> None:
+    """Write the keys of `profile` into `params_path`, keeping its comments."""
+    params_path, profile = Path(params_path), Path(profile)
+    overlay = _read_overlay(profile)
+    parse_params(merge(yaml.safe_load(params_path.read_text()), overlay))  # invalid: write nothing
     rt = YAML()
     rt.preserve_quotes = True
     rt.width = 4096

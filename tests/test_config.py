@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_params, merge, parse_params
-from pipeline.profiles import apply_profile
+from pipeline.profiles import apply_profile, load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,6 +90,7 @@ def test_profiles_apply_and_keep_comments(tmp_path):
     tiny = load_params(params)
     assert tiny.download.synthetic.train_per_class == 2
     assert tiny.extract.image_size == 32
+    assert load_profile(ROOT / "profiles" / "tiny.yaml", ROOT / "params.yaml") == tiny
     bad = tmp_path / "bad.yaml"
     bad.write_text("extract:\n  no_such_key: 1\n")
     with pytest.raises(ConfigError, match="no_such_key"):

@@ -25,6 +25,7 @@ from pipeline.data import extract, manifest
 from pipeline.data.manifest import ClipRecord, video_path
 from pipeline.errors import PipelineError
 from pipeline.media import ffmpeg_exe
+from pipeline.profiles import load_profile
 from pipeline.stage import stage_main
 from pipeline.tokenizers.batch_tokenize import _extract_meta
 
@@ -167,15 +168,7 @@ def test_a_training_checkpoint_cut_by_a_full_disk_leaves_the_previous_one(
     params = load_params(ROOT / "params.yaml")
     tokens = make_token_dir(tmp_path / "tokens")
     layout, _ = load_token_meta(tokens)
-    model = dataclasses.replace(
-        params.model,
-        embed_dim=16,
-        depth=1,
-        num_heads=2,
-        decoder_embed_dim=16,
-        decoder_depth=1,
-        decoder_num_heads=2,
-    )
+    model = load_profile(ROOT / "profiles/tiny.yaml", ROOT / "params.yaml").model
     train = dataclasses.replace(
         params.train,
         steps=8,

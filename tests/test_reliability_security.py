@@ -322,18 +322,14 @@ def test_no_credential_reaches_mlflow_a_manifest_or_a_log(
 def test_a_storage_password_does_not_travel_with_the_exported_weights(tmp_path, make_token_dir):
     import dataclasses
 
-    from pipeline.config import load_params
+    from pipeline.profiles import load_profile
     from pipeline.tokenizers.batch_tokenize import load_token_meta
     from pipeline.training import loop, reports
 
-    params = load_params(ROOT / "params.yaml")
+    params = load_profile(ROOT / "profiles/tiny.yaml", ROOT / "params.yaml")
     layout, _ = load_token_meta(make_token_dir(tmp_path / "tokens"))
-    model = dataclasses.replace(
-        params.model, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16,
-        decoder_depth=1, decoder_num_heads=2,
-    )  # fmt: skip
     train = dataclasses.replace(params.train, storage_path="s3://AKIAEXAMPLE:wJalr/K7+x@b/p")
-    job = loop.TrainJob(model, train, layout.to_dict(), str(tmp_path / "tokens"), 0, "f")
+    job = loop.TrainJob(params.model, train, layout.to_dict(), str(tmp_path / "tokens"), 0, "f")
     state = {
         "model": loop.build_model(job).state_dict(),
         "step": 0,

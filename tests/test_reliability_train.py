@@ -17,15 +17,13 @@ import torch
 
 from pipeline.config import load_params
 from pipeline.models.saved import load_transformer
+from pipeline.profiles import load_profile
 from pipeline.tokenizers.batch_tokenize import load_token_meta
 from pipeline.training.loop import FolderEnvironment, TrainError, TrainJob, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = load_params(ROOT / "params.yaml")
-MODEL = dataclasses.replace(
-    PARAMS.model, embed_dim=16, depth=1, num_heads=2,
-    decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
-)  # fmt: skip
+MODEL = load_profile(ROOT / "profiles/tiny.yaml", ROOT / "params.yaml").model
 TRAIN = dataclasses.replace(
     PARAMS.train, steps=12, batch_size=8, warmup_steps=2, log_every=4, eval_every=0,
     figure_every=0, checkpoint_every=4, keep_checkpoints=2, num_workers=0,

@@ -12,21 +12,14 @@ import torch
 from pipeline import tracking
 from pipeline.config import load_params
 from pipeline.models.saved import load_transformer
+from pipeline.profiles import load_profile
 from pipeline.training.ray_train import fingerprint, run_name, run_train
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = load_params(ROOT / "params.yaml")
-MODEL = dataclasses.replace(
-    PARAMS.model,
-    embed_dim=16,
-    depth=1,
-    num_heads=2,
-    decoder_embed_dim=16,
-    decoder_depth=1,
-    decoder_num_heads=2,
-)
+MODEL = load_profile(ROOT / "profiles/tiny.yaml", ROOT / "params.yaml").model
 
 
 @pytest.fixture(scope="module")
