@@ -35,6 +35,14 @@ def _ran(out: str) -> list[str]:
     return [s for s in STAGES if f"Running stage '{s}'" in out]
 
 
+def _restore(repo: Path, text: str) -> None:
+    """Put params.yaml back: DVC's run cache then restores the outputs of the stages the change
+    had rerun (tokenize, train), without running anything, and the whole DAG is up to date."""
+    (repo / "params.yaml").write_text(text)
+    out = _run(repo, "dvc", "repro")
+    assert _ran(out) == [] and "Stage 'train' is cached" in out
+
+
 def test_repro_runs_the_whole_dag(tiny_repo):
     out = _run(tiny_repo, "dvc", "repro")
     assert _ran(out) == list(STAGES)
@@ -137,20 +145,25 @@ def test_train_logged_curves_and_figures_to_mlflow(tiny_repo):
 
 def test_changing_a_logging_param_reruns_only_train_and_resumes(tiny_repo):
     params = tiny_repo / "params.yaml"
-    params.write_text(params.read_text().replace("log_every: 2", "log_every: 1"))
+    text = params.read_text()
+    params.write_text(text.replace("log_every: 2", "log_every: 1"))
     out = _run(tiny_repo, "dvc", "repro", "train")
     assert _ran(out) == ["train"]
     # Same optimisation, same auto run name: the finished run's last checkpoint is reused.
     assert "train: 4 steps, resumed at step 4" in out
+    _restore(tiny_repo, text)
 
 
 def test_changing_a_tokenize_param_reruns_tokenize_and_train(tiny_repo):
     params = tiny_repo / "params.yaml"
-    params.write_text(params.read_text().replace("rows_per_file: 5", "rows_per_file: 4"))
+    text = params.read_text()
+    params.write_text(text.replace("rows_per_file: 5", "rows_per_file: 4"))
     out = _run(tiny_repo, "dvc", "repro", "train")
     assert _ran(out) == ["tokenize", "train"]
     rows = pq.read_table(tiny_repo / "data/tokens/train/part-00000.parquet").num_rows
     assert rows == 4
+    _restore(tiny_repo, text)
+    assert pq.read_table(tiny_repo / "data/tokens/train/part-00000.parquet").num_rows == 5
 
 
 def test_changing_an_extract_param_reruns_extract_and_what_follows(tiny_repo):
