@@ -37,17 +37,20 @@ def _read_overlay(profile: Path) -> dict[str, Any]:
     return overlay
 
 
+def _merged(overlay: dict[str, Any], params_path: Path) -> Params:
+    return parse_params(merge(yaml.safe_load(params_path.read_text()), overlay))
+
+
 def load_profile(profile: str | Path, params_path: str | Path = "params.yaml") -> Params:
     """The params `profile` would give `params_path`, validated, without writing anything."""
-    overlay = _read_overlay(Path(profile))
-    return parse_params(merge(yaml.safe_load(Path(params_path).read_text()), overlay))
+    return _merged(_read_overlay(Path(profile)), Path(params_path))
 
 
 def apply_profile(profile: str | Path, params_path: str | Path = "params.yaml") -> None:
     """Write the keys of `profile` into `params_path`, keeping its comments."""
     params_path, profile = Path(params_path), Path(profile)
     overlay = _read_overlay(profile)
-    parse_params(merge(yaml.safe_load(params_path.read_text()), overlay))  # invalid: write nothing
+    _merged(overlay, params_path)  # invalid: raise before writing anything
     rt = YAML()
     rt.preserve_quotes = True
     rt.width = 4096
