@@ -1,11 +1,11 @@
 """Training throughput of the transformer: samples/s, tokens/s, TFLOP/s, MFU and peak memory.
 
     python bench/train_throughput.py CONFIG BATCH [--steps 10] [--warmup 3] [--precision auto]
-                                     [--compile] [--checkpointing] [--device auto]
+                                     [--compile] [--checkpointing] [--device auto] [--image-grid G]
 
 CONFIG is `paper` (ViT-L encoder + 1024-wide decoder, 1024 codes per modality, 5x53 + 16x16 ids)
-or `demo` (the `model:` section of params.yaml with the demo tokenizers' codebooks). The timed
-step is the `train` stage's own (`pipeline.training.loop.train_step`): the training mask and
+or `demo` (the `model:` section of params.yaml, the demo tokenizers' codebooks and image grid,
+`extract.image_size` over the image VQGAN's downsampling). The timed step is the `train` stage's own (`pipeline.training.loop.train_step`): the training mask and
 drop drawn on the CPU, autocast, masked cross-entropy, backward, clipping, AdamW (fused on
 CUDA). Warm-up steps run first; the timed steps end with a device synchronisation.
 
@@ -74,18 +74,21 @@ def saved_for_backward(net, model, batch, train_cfg, precision: str) -> int:
     return sum(storages.values())
 
 
-def build(config: str, checkpointing: bool):
+def build(config: str, checkpointing: bool, image_grid: int | None = None):
     params = load_params()
     if config == "paper":
-        model_cfg, codes = PAPER_MODEL, (1024, 1024)
+        model_cfg, codes, grid = PAPER_MODEL, (1024, 1024), 16
     elif config == "demo":
         model_cfg = params.model
-        codes = (params.tokenizers.audio.arch.n_embed, params.tokenizers.image.arch.n_embed)
+        image = params.tokenizers.image.arch
+        codes = (params.tokenizers.audio.arch.n_embed, image.n_embed)
+        grid = params.extract.image_size // 2 ** (len(image.ch_mult) - 1)
     else:
         raise SystemExit(f"unknown CONFIG {config!r}: paper or demo")
     model_cfg = dataclasses.replace(model_cfg, activation_checkpointing=checkpointing)
+    grid = image_grid or grid
     layout = TokenLayout(
-        ModalityLayout("audio", codes[0], (5, 53)), ModalityLayout("image", codes[1], (16, 16))
+        ModalityLayout("audio", codes[0], (5, 53)), ModalityLayout("image", codes[1], (grid, grid))
     )
     return params, model_cfg, layout
 
@@ -100,6 +103,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     ap.add_argument("--device", default="auto")
+    ap.add_argument(
+        "--image-grid", type=int, help="image ids per side (default: paper 16, demo from params)"
+    )
     ap.add_argument("--json", help="also write the numbers to this file")
     ap.add_argument(
         "--memory-only",
@@ -108,7 +114,7 @@ def main() -> None:
     )
     args = ap.parse_args()
 
-    params, model_cfg, layout = build(args.config, args.checkpointing)
+    params, model_cfg, layout = build(args.config, args.checkpointing, args.image_grid)
     device = resolve_device(args.device)
     precision = choose_precision(args.precision, device)
     train_cfg = dataclasses.replace(params.train, batch_size=args.batch)

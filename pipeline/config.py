@@ -274,9 +274,18 @@ class VQGANTrain:
     dead_code_every: int = doc("Restart codes unused over this many steps (0: never).")
     kmeans_init: bool = doc("Initialise the codebook with k-means on the first batches' latents.")
     eval_examples: int = doc("Test examples used for the reconstruction report (0: all).")
+    crop: tuple[int, ...] = doc(
+        "[height, width] of the random window each example trains on ([]: the whole input); "
+        "both must divide by the VQGAN's downsampling factor. Evaluation uses whole inputs."
+    )
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "steps", "must be at least 1")
+        _check(
+            len(self.crop) in (0, 2) and all(c >= 1 for c in self.crop),
+            "crop",
+            "must be [] (whole inputs) or [height, width] with positive sizes",
+        )
         _check(self.batch_size >= 1, "batch_size", "must be at least 1")
         _check(0 < self.lr < 1, "lr", "must be in (0, 1)")
         _check(self.beta >= 0 and self.codebook_weight >= 0, "beta", "weights must not be negative")

@@ -36,10 +36,12 @@ from pipeline.tokenizers.tokenizer import InputSpec, Tokenizer
 from pipeline.tokenizers.train import (
     VQGANTrainer,
     build_model,
+    check_crop,
     evaluate_tokenizer,
     import_pretrained,
     kmeans,
     load_split,
+    random_crops,
     train_tokenizer,
 )
 
@@ -54,7 +56,7 @@ MEL_ARCH = dataclasses.replace(IMAGE_ARCH, ch=8, ch_mult=(1, 1, 2, 4, 8))
 TRAIN = VQGANTrain(
     steps=40, batch_size=8, lr=1e-3, beta=0.25, codebook_weight=1.0, disc_start=40,
     disc_weight=0.1, lpips_vgg16="", perceptual_weight=1.0, dead_code_every=10,
-    kmeans_init=True, eval_examples=0,
+    kmeans_init=True, eval_examples=0, crop=(),
 )  # fmt: skip
 
 
@@ -134,6 +136,48 @@ def test_trained_mel_tokenizer_beats_its_initialisation(data, tmp_path):
     assert after["mel_l1"] < 0.16 < before["mel_l1"], (before, after)
     assert after["mel_l2"] < before["mel_l2"]
     assert result.tokenizer.meta["source"] == "trained" and result.tokenizer.meta["steps"] == 40
+
+
+def test_a_mel_tokenizer_trained_on_windows_encodes_whole_mels(data, tmp_path, monkeypatch):
+    seen = []
+    step = VQGANTrainer.step
+    monkeypatch.setattr(
+        VQGANTrainer, "step", lambda self, x, i: seen.append(x.shape) or step(self, x, i)
+    )
+    cfg = config(MEL_ARCH, crop=(80, 32))
+    before = evaluate_tokenizer(untrained("audio", cfg, MEL, seed=0), data, report_dir=tmp_path)
+    result = train_tokenizer("audio", cfg, MEL, data, device=CPU, seed=0, report_dir=tmp_path)
+    after = evaluate_tokenizer(result.tokenizer, data, report_dir=tmp_path)
+    assert set(seen) == {torch.Size([8, 1, 80, 32])}  # every step on windows ...
+    assert after["mel_l1"] < 0.16 < before["mel_l1"], (before, after)  # ... whole mels at test
+    assert result.tokenizer.grid == (5, 8)
+
+
+def test_random_crops_are_windows_of_each_example():
+    x = torch.arange(4 * 2 * 6 * 10, dtype=torch.float32).reshape(4, 2, 6, 10)
+    out = random_crops(x, (2, 4), torch.Generator().manual_seed(0))
+    assert out.shape == (4, 2, 2, 4)
+    offsets = set()
+    for i in range(4):  # the window's first value gives its offset; the rest must follow it
+        top, left = divmod(int(out[i, 0, 0, 0] - x[i, 0, 0, 0]), 10)
+        offsets.add((top, left))
+        assert torch.equal(out[i], x[i, :, top : top + 2, left : left + 4])
+    assert len(offsets) > 1  # each example gets its own offset
+    again = random_crops(x, (2, 4), torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    assert random_crops(x, None, torch.Generator()) is x
+
+
+def test_crop_must_fit_the_input_and_the_downsampling():
+    assert check_crop((), MEL, 16) is None
+    assert check_crop((80, 128), MEL, 16) is None  # the whole input
+    assert check_crop((80, 32), MEL, 16) == (80, 32)
+    with pytest.raises(PipelineError, match="divide by the downsampling factor 16"):
+        check_crop((80, 40), MEL, 16)
+    with pytest.raises(PipelineError, match="no larger"):
+        check_crop((96, 32), MEL, 16)
+    with pytest.raises(ValueError, match="crop"):
+        dataclasses.replace(TRAIN, crop=(32,))
 
 
 def test_training_reports_history_and_metrics(trained_image):

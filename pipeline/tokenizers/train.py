@@ -114,10 +114,19 @@ def load_split(extract_dir: Path, split: str, spec: InputSpec, max_clips: int = 
 
 class BatchSampler:
     """Endless batches of raw inputs: clips from successive random permutations and, for images,
-    a random frame per clip; all randomness from `generator`."""
+    a random frame per clip; all randomness from `generator`. `inputs(tokenizer)` gives the
+    model's batch: preprocessed, then cut to a random `crop` window per example when one is set."""
 
-    def __init__(self, data: np.ndarray, kind: str, batch_size: int, generator: torch.Generator):
+    def __init__(
+        self,
+        data: np.ndarray,
+        kind: str,
+        batch_size: int,
+        generator: torch.Generator,
+        crop: tuple[int, int] | None = None,
+    ):
         self.data, self.kind, self.batch_size, self.generator = data, kind, batch_size, generator
+        self.crop = crop
         self._order = torch.empty(0, dtype=torch.long)
 
     def _clips(self) -> torch.Tensor:
@@ -134,6 +143,44 @@ class BatchSampler:
             frames = torch.randint(self.data.shape[1], (len(clips),), generator=self.generator)
             return self.data[clips, frames.numpy()]
         return self.data[clips]
+
+    def inputs(self, tokenizer: Tokenizer) -> torch.Tensor:
+        """The next batch as model input (B, C, h, w) in [-1, 1]."""
+        return random_crops(tokenizer.preprocess(self.next()), self.crop, self.generator)
+
+
+def check_crop(crop: tuple[int, ...], spec: InputSpec, factor: int) -> tuple[int, int] | None:
+    """The training window (h, w) of `crop`, or None for whole inputs ([] or the input's size).
+
+    Raises PipelineError when the window is larger than the input or a side does not divide by
+    the VQGAN's downsampling `factor`.
+    """
+    full = tuple(spec.shape[1:])
+    if not crop or tuple(crop) == full:
+        return None
+    h, w = crop
+    if h > full[0] or w > full[1] or h % factor or w % factor:
+        raise PipelineError(
+            f"tokenizers crop {h}x{w} does not fit the {spec.kind} input {full[0]}x{full[1]}: "
+            f"it must be no larger and both sides must divide by the downsampling factor {factor}"
+        )
+    return h, w
+
+
+def random_crops(
+    x: torch.Tensor, size: tuple[int, int] | None, generator: torch.Generator
+) -> torch.Tensor:
+    """A random (h, w) window of each example of x (B, C, H, W), offsets drawn from `generator`;
+    x itself when `size` is None. The VQGANs are convolutional, so a model trained on windows
+    encodes whole inputs (taming trains on 256x256 crops the same way)."""
+    if size is None:
+        return x
+    h, w = size
+    tops = torch.randint(x.shape[-2] - h + 1, (len(x),), generator=generator).tolist()
+    lefts = torch.randint(x.shape[-1] - w + 1, (len(x),), generator=generator).tolist()
+    return torch.stack(
+        [x[i, :, t : t + h, j : j + w] for i, (t, j) in enumerate(zip(tops, lefts, strict=True))]
+    )
 
 
 # ------------------------------------------------------------------------------ codebook care
@@ -453,10 +500,12 @@ def train_tokenizer(
     start = time.monotonic()
     device = torch.device(device)
     train = cfg.train
+    crop = check_crop(train.crop, spec, vqgan_config(cfg.arch, spec).downsampling)
     data = load_split(Path(extract_dir), "train", spec)
     log.info(
-        "%s tokenizer: %d train clips in memory (%.1f MB), %d steps of %d on %s",
-        modality, len(data), data.nbytes / 2**20, train.steps, train.batch_size, device,
+        "%s tokenizer: %d train clips in memory (%.1f MB), %d steps of %d %s on %s",
+        modality, len(data), data.nbytes / 2**20, train.steps, train.batch_size,
+        f"{crop[0]}x{crop[1]} windows" if crop else "whole inputs", device,
     )  # fmt: skip
     generator = torch.Generator().manual_seed(seed)
     dtype = amp_dtype(device, precision)
@@ -476,7 +525,7 @@ def train_tokenizer(
             autocast_dtype=dtype,
             channels_last=device.type == "cpu" if channels_last is None else channels_last,
         )
-        sampler = BatchSampler(data, spec.kind, train.batch_size, generator)
+        sampler = BatchSampler(data, spec.kind, train.batch_size, generator, crop)
         history = _run(trainer, sampler, tokenizer, train.steps, log_metrics, modality)
     model.to(memory_format=torch.contiguous_format).eval()
     final = history[-1] if history else {}
@@ -513,7 +562,7 @@ def _run(
     window = _Window()
     with tqdm(range(steps), desc=f"{modality} tokenizer", unit="step", disable=None) as bar:
         for step in bar:
-            window.add(trainer.step(tokenizer.preprocess(sampler.next()), step))
+            window.add(trainer.step(sampler.inputs(tokenizer), step))
             if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
                 metrics = {**window.means(), **trainer.window_stats()}
                 history.append({"step": float(step + 1), **metrics})
@@ -529,10 +578,10 @@ def _kmeans_batches(
     trainer: VQGANTrainer, sampler: BatchSampler, tokenizer: Tokenizer
 ) -> list[torch.Tensor]:
     """Enough batches for ~KMEANS_POINTS_PER_CODE latents per code (at most KMEANS_MAX_BATCHES)."""
-    h, w = tokenizer.grid
+    h, w = trainer.model.config.grid(*sampler.crop) if sampler.crop else tokenizer.grid
     want = KMEANS_POINTS_PER_CODE * trainer.model.config.n_embed
     count = min(KMEANS_MAX_BATCHES, max(1, math.ceil(want / (sampler.batch_size * h * w))))
-    return [tokenizer.preprocess(sampler.next()) for _ in range(count)]
+    return [sampler.inputs(tokenizer) for _ in range(count)]
 
 
 # ---------------------------------------------------------------------------------- import
