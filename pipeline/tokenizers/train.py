@@ -6,8 +6,9 @@ hinge loss from `disc_start` with taming's adaptive weight; Adam with betas (0.5
 networks. Two remedies keep the codebook alive on small data: k-means initialisation of the
 codebook on the first batches' encoder latents, and restarts of codes unused over
 `dead_code_every` steps onto random recent latents. Images train on one random frame (of the 10)
-per clip per sample, mels on the clip's mel; the split is held in memory (uint8 frames, float16
-mels), which suits the demo's hundreds of clips, not VGGSound's 200k (use `pretrained` there).
+per clip per sample, mels on the clip's mel, each whole or as a random `crop` window; the split
+is held in memory (uint8 frames, float16 mels), which suits the demo's hundreds of clips, not
+VGGSound's 200k (use `pretrained` there).
 
 `import_pretrained` loads an official checkpoint (taming / SpecVQGAN, `loss.*` keys dropped);
 `evaluate_tokenizer` measures reconstructions and codebook use on the test split and draws them.
