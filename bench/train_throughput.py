@@ -34,6 +34,7 @@ from pipeline.masking import mask_for_training  # noqa: E402
 from pipeline.models import PAPER_MODEL, AudioVisualTransformer, count_parameters  # noqa: E402
 from pipeline.models.flops import flops_per_sample  # noqa: E402
 from pipeline.tokenizers.layout import ModalityLayout, TokenLayout  # noqa: E402
+from pipeline.tokenizers.tokenizer import InputSpec, vqgan_config  # noqa: E402
 from pipeline.training.loop import train_step  # noqa: E402
 from pipeline.training.optim import build_optimizer  # noqa: E402
 
@@ -82,7 +83,8 @@ def build(config: str, checkpointing: bool, image_grid: int | None = None):
         model_cfg = params.model
         image = params.tokenizers.image.arch
         codes = (params.tokenizers.audio.arch.n_embed, image.n_embed)
-        grid = params.extract.image_size // 2 ** (len(image.ch_mult) - 1)
+        size = params.extract.image_size
+        grid = vqgan_config(image, InputSpec("image", (3, size, size))).grid(size, size)[0]
     else:
         raise SystemExit(f"unknown CONFIG {config!r}: paper or demo")
     model_cfg = dataclasses.replace(model_cfg, activation_checkpointing=checkpointing)
