@@ -136,6 +136,20 @@ def test_griffin_lim_inverse_is_close(clip: np.ndarray) -> None:
     np.testing.assert_array_equal(y, audio.mel_to_wave(spec, CFG))  # seeded
 
 
+def test_mel_inversion_is_what_librosa_nnls_returns(clip: np.ndarray) -> None:
+    spec = audio.log_mel(clip, CFG)
+    noisy = np.clip(spec + np.random.default_rng(0).normal(0, 0.05, spec.shape), 0, 1)
+    basis = librosa.filters.mel(sr=SR, n_fft=1024, n_mels=80, fmin=125, fmax=7600)
+    for s in (spec, noisy):
+        amplitude = 10.0 ** ((s.astype(np.float64) * 100 - 100 + 20) / 20)
+        expected = librosa.util.nnls(basis.astype(np.float64), amplitude)
+        got = audio.mel_to_magnitude(s, CFG)
+        assert got.shape == (513, 848) and got.min() >= 0
+        np.testing.assert_array_equal(got, expected)
+    # Not a trivial identity: clipping changed the unconstrained least-squares solution.
+    assert (np.linalg.pinv(basis.astype(np.float64)) @ amplitude).min() < 0
+
+
 def test_wav_and_png_helpers(tmp_path: Path) -> None:
     t = np.arange(SR) / SR
     y = 0.5 * np.sin(2 * np.pi * 440 * t)

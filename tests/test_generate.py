@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import wave
 from pathlib import Path
 
@@ -190,7 +191,7 @@ def test_ray_data_generation_matches_the_generator(repo):
     examples = list(iter_examples(repo / "data/extract", "test"))[:2]
     frames = np.stack([e.frames[len(e.frames) // 2] for e in examples])
     args = (str(repo / "models/transformer"), str(repo / "models/tokenizers"), cfg_dict,
-            "image2audio")  # fmt: skip
+            [("image2audio", 3.0), ("image2audio", 1.0)])  # fmt: skip
     with ray_session():
         ds = ray.data.from_items([{"image": f} for f in frames])
         rows = ds.map_batches(
@@ -199,9 +200,17 @@ def test_ray_data_generation_matches_the_generator(repo):
         ).take_all()  # fmt: skip
     from pipeline.config import GenerateConfig
 
-    direct = Generator(args[0], args[1], GenerateConfig(**cfg_dict), "cpu").run(
-        "image2audio", frames
-    )
-    # Same ids; the decoded mels agree to float rounding (the actor runs other thread counts).
-    assert np.array_equal(np.stack([r["gen_audio_ids"] for r in rows]), direct.ids["audio"])
-    assert np.allclose(np.stack([r["gen_mel"] for r in rows]), direct.mels, atol=1e-5)
+    generator = Generator(args[0], args[1], GenerateConfig(**cfg_dict), "cpu")
+    for s in (3.0, 1.0):
+        direct = generator.run("image2audio", frames, guidance=s)
+        col = functools.partial(GenerateBatch.column, "image2audio", s)
+        # Same ids; the decoded mels agree to float rounding (the actor runs other thread counts).
+        assert np.array_equal(
+            np.stack([r[col("gen_audio_ids")] for r in rows]), direct.ids["audio"]
+        )
+        assert np.allclose(np.stack([r[col("gen_mel")] for r in rows]), direct.mels, atol=1e-5)
+        assert all(r[col("seconds")] > 0 for r in rows)
+    # The two scales are two different runs, not one copied (CFG changes the samples).
+    ids = {s: np.stack([r[GenerateBatch.column("image2audio", s, "gen_audio_ids")] for r in rows])
+           for s in (3.0, 1.0)}  # fmt: skip
+    assert not np.array_equal(ids[3.0], ids[1.0])

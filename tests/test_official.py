@@ -246,6 +246,24 @@ def test_a_set_against_itself_scores_zero_and_another_set_more(loaded, fast_frec
     assert "IS used 3 splits, not 10" in other["not_comparable_because"]
 
 
+def test_fresh_scorers_share_the_reference_side_and_keep_their_own_clips(loaded, fast_frechet):
+    """What the evaluate stage does with the CFG scales of one pass: one reference, one
+    generated set per scale, scored side by side."""
+    metrics = _subset(loaded, "panns_cnn14_16k", "vggish")
+    sines, noises = _sines(3), _noises(3)
+    for wave in sines:
+        metrics.add_reference(wave, RATE)
+    same, other = metrics.fresh_generated(), metrics.fresh_generated()
+    for sine, noise in zip(sines, noises, strict=True):
+        same.add_generated(sine, RATE)
+        other.add_generated(noise, RATE)
+    a, b = same.scores(), other.scores()
+    for key in ("fd_panns", "fad_vggish"):
+        assert abs(a[key]) < 1e-6 * b[key] and b[key] > 0, key
+    assert (a["n_generated"], b["n_generated"], metrics.n_generated) == (3, 3, 0)
+    assert a["n_reference"] == b["n_reference"] == 3
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x)
 

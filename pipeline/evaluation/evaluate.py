@@ -1,11 +1,12 @@
 """The `evaluate` stage's work: generate for the test split with Ray Data, then score it.
 
-Flow, per task and CFG scale s:
+Flow: one Ray Data pass for every conditional task and CFG scale s (and one for co-generation):
 1. `ray.data.read_parquet` over the extract test shards → `decode_clips` (the middle frame, as
    the condition, and the mel of each clip) → `GenerateBatch` actors (one Generator each, on a
-   GPU when `num_gpus_per_actor` > 0) → batches streamed back to the driver;
-2. on the driver, the offline evaluator turns each batch into embeddings, logits and joint-space
-   vectors (kept, small), and the clips picked as examples keep their samples;
+   GPU when `num_gpus_per_actor` > 0; each batch goes through every (task, s) there, so the
+   models load once) → batches streamed back to the driver;
+2. on the driver, the offline evaluator turns each (task, s) of a batch into embeddings, logits
+   and joint-space vectors (kept, small), and the clips picked as examples keep their samples;
 3. scores against the real test clips (`scoring`), example WAVs/PNGs and figures.
 
 Rows carry their index, so the scores do not depend on the order Ray returns batches in.
@@ -14,7 +15,6 @@ Generation noise is seeded per batch (`seed + first row`), so a rerun gives the 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import time
@@ -113,8 +113,30 @@ def _concat(parts: list[Outputs], order: np.ndarray) -> Outputs:
                      for f in ("embedding", "logits", "joint")))  # fmt: skip
 
 
+class _Parts:
+    """What the driver collects of one (task, s) run, batch by batch."""
+
+    def __init__(self) -> None:
+        self.rows: list[np.ndarray] = []
+        self.audio: list[Outputs] = []
+        self.image: list[Outputs] = []
+        self.examples: dict[int, dict[str, np.ndarray]] = {}
+        self.seconds = 0.0
+
+    def finish(self) -> Generated:
+        all_rows = np.concatenate(self.rows)
+        order = np.argsort(all_rows, kind="stable")
+        return Generated(
+            all_rows[order],
+            _concat(self.audio, order) if self.audio else None,
+            _concat(self.image, order) if self.image else None,
+            self.examples,
+            self.seconds,
+        )
+
+
 def generate_and_embed(
-    task_name: str,
+    runs: list[tuple[str, str, float]],
     test: TestSet,
     extract_dir: Path,
     transformer_dir: Path,
@@ -125,16 +147,18 @@ def generate_and_embed(
     seed: int,
     example_rows: set[int],
     count: int = 0,
-    official: OfficialMetrics | None = None,
-) -> Generated:
-    """Run one task at one setting through Ray Data and keep what scoring needs. With
-    `official` (image→audio only), every generated clip is vocoded and fed to it as well."""
+    official: dict[str, OfficialMetrics] | None = None,
+) -> dict[tuple[str, str], Generated]:
+    """Run every (task, key, s) of `runs` in one Ray Data pass and keep what scoring needs, by
+    (task, key). Co-generation (`count` pairs, no input) runs alone. `official` maps a key to
+    the paper-protocol scorer of that image→audio run: its clips are vocoded and fed to it."""
     import ray
 
     from pipeline.inference.generate import GenerateBatch
 
-    start = time.monotonic()
-    if task_name == "cogenerate":
+    if {t for t, _, _ in runs} & {"cogenerate"} and len(runs) > 1:
+        raise ValueError("co-generation takes no input: it runs in a pass of its own")
+    if runs[0][0] == "cogenerate":
         ds = ray.data.range(count).map_batches(
             lambda b: {"row": b["id"].astype(np.int64)}, batch_format="numpy"
         )
@@ -157,50 +181,44 @@ def generate_and_embed(
                 batch_format="numpy",
             )
         )
-        # The condition of image→audio is the frame, of audio→image the mel: drop the other.
-        drop = "mel" if task_name == "image2audio" else "image"
-        ds = ds.drop_columns([drop])
     ds = ds.map_batches(
         GenerateBatch,
         fn_constructor_kwargs={
             "transformer_dir": str(transformer_dir),
             "tokenizers_dir": str(tokenizers_dir),
             "cfg": as_dict(gen_cfg),
-            "task_name": task_name,
+            "runs": [(task_name, s) for task_name, _, s in runs],
             "seed": seed,
-            "vocode": official is not None,
+            "vocode": bool(official),
         },
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_gpus=cfg.num_gpus_per_actor,
         batch_size=gen_cfg.batch_size,
         batch_format="numpy",
     )
-    rows, audio, image, examples = [], [], [], {}
+    parts = {(task_name, key): _Parts() for task_name, key, _ in runs}
     sample_rate = _vocoder_rate(tokenizers_dir)
     for batch in ds.iter_batches(batch_size=gen_cfg.batch_size, batch_format="numpy"):
-        rows.append(batch["row"])
-        if official is not None:
-            for wave, row in zip(batch["gen_wave"], batch["row"], strict=True):
-                official.add_generated(wave, sample_rate, test.frames[int(row)])
-        if task_name != "audio2image":
-            audio.append(evaluator.audio_outputs(batch["gen_mel"]))
-        if task_name != "image2audio":
-            image.append(evaluator.image_outputs(batch["gen_image"]))
-        for i, row in enumerate(batch["row"]):
-            if int(row) in example_rows:
-                examples[int(row)] = {
-                    "mel": batch["gen_mel"][i], "image": batch["gen_image"][i],
-                    "audio_ids": batch["gen_audio_ids"][i], "image_ids": batch["gen_image_ids"][i],
-                }  # fmt: skip
-    all_rows = np.concatenate(rows)
-    order = np.argsort(all_rows, kind="stable")
-    return Generated(
-        all_rows[order],
-        _concat(audio, order) if audio else None,
-        _concat(image, order) if image else None,
-        examples,
-        time.monotonic() - start,
-    )
+        for task_name, key, s in runs:
+            col = {name: batch[GenerateBatch.column(task_name, s, name)]
+                   for name in GenerateBatch.OUTPUTS}  # fmt: skip
+            part = parts[(task_name, key)]
+            part.rows.append(batch["row"])
+            part.seconds += float(col["seconds"].sum())
+            if task_name == "image2audio" and official and key in official:
+                for wave, row in zip(col["gen_wave"], batch["row"], strict=True):
+                    official[key].add_generated(wave, sample_rate, test.frames[int(row)])
+            if task_name != "audio2image":
+                part.audio.append(evaluator.audio_outputs(col["gen_mel"]))
+            if task_name != "image2audio":
+                part.image.append(evaluator.image_outputs(col["gen_image"]))
+            for i, row in enumerate(batch["row"]):
+                if int(row) in example_rows:
+                    part.examples[int(row)] = {
+                        "mel": col["gen_mel"][i], "image": col["gen_image"][i],
+                        "audio_ids": col["gen_audio_ids"][i], "image_ids": col["gen_image_ids"][i],
+                    }  # fmt: skip
+    return {name: part.finish() for name, part in parts.items()}
 
 
 def _vocoder_rate(tokenizers_dir: Path) -> int:
@@ -302,37 +320,46 @@ def run_evaluate(
             and params.download.limit == 0
             and cfg.max_clips == 0
         )
-    examples: dict[str, dict[str, Generated]] = {}
+    # The conditional tasks share one pass over the test clips; co-generation has its own.
+    settings = list(iter_settings(cfg.guidance))
+    conditional = [(t, key, g) for t in EVAL_ORDER if t in cfg.tasks and t != "cogenerate"
+                   for key, g in settings]  # fmt: skip
+    passes = [conditional] if conditional else []
+    if "cogenerate" in cfg.tasks:
+        passes.append([("cogenerate", "free", 1.0)])  # nothing to guide by: one run
+    scorers: dict[str, OfficialMetrics] = {}
+    if official is not None:
+        scorers = {key: official.fresh_generated() for t, key, _ in conditional
+                   if t == "image2audio"}  # fmt: skip
+    generated: dict[tuple[str, str], Generated] = {}
     with ray_session():
-        for task_name in [t for t in EVAL_ORDER if t in cfg.tasks]:
-            settings = list(iter_settings(cfg.guidance))
-            if task_name == "cogenerate":  # nothing to guide by: one run
-                settings = [("free", 1.0)]
-            for key, s in settings:
-                log.info("evaluate: %s at s=%g on %d clips", task_name, s, len(test))
-                gen = generate_and_embed(
-                    task_name, test, extract_dir, Path(paths.transformer), tokenizers_dir,
-                    dataclasses.replace(gen_cfg, guidance=s), cfg, evaluator, params.base.seed,
-                    cogenerated if task_name == "cogenerate" else example_rows,
-                    count=cfg.cogenerate_samples,
-                    official=official if task_name == "image2audio" else None,
-                )  # fmt: skip
-                values = score(task_name, gen, ref) | {"seconds": round(gen.seconds, 1)}
-                metrics.setdefault(task_name, {})[key] = values
-                if official is not None and task_name == "image2audio":
-                    paper = official.scores(full_vggsound_test=full_test)
-                    metrics.setdefault("paper_protocol", {})[key] = paper
-                    official.reset_generated()
-                    if tracking_run is not None:
-                        numbers = {k: v for k, v in paper.items() if _is_number(v)}
-                        tracking_run.log_metrics(
-                            {f"paper/{key}/{k}": v for k, v in numbers.items()}
-                        )
-                examples.setdefault(task_name, {})[key] = gen
+        for runs in passes:
+            log.info(
+                "evaluate: %s on %d clips",
+                ", ".join(f"{t} at s={g:g}" if t != "cogenerate" else t for t, _, g in runs),
+                len(test),
+            )
+            cogenerate = runs[0][0] == "cogenerate"
+            generated |= generate_and_embed(
+                runs, test, extract_dir, Path(paths.transformer), tokenizers_dir, gen_cfg, cfg,
+                evaluator, params.base.seed, cogenerated if cogenerate else example_rows,
+                count=cfg.cogenerate_samples, official=None if cogenerate else scorers,
+            )  # fmt: skip
+    examples: dict[str, dict[str, Generated]] = {}
+    for runs in passes:
+        for task_name, key, _ in runs:
+            gen = generated[(task_name, key)]
+            values = score(task_name, gen, ref) | {"seconds": round(gen.seconds, 1)}
+            metrics.setdefault(task_name, {})[key] = values
+            if key in scorers and task_name == "image2audio":
+                paper = scorers[key].scores(full_vggsound_test=full_test)
+                metrics.setdefault("paper_protocol", {})[key] = paper
                 if tracking_run is not None:
-                    tracking_run.log_metrics(
-                        {f"{task_name}/{key}/{k}": v for k, v in values.items()}
-                    )
+                    numbers = {k: v for k, v in paper.items() if _is_number(v)}
+                    tracking_run.log_metrics({f"paper/{key}/{k}": v for k, v in numbers.items()})
+            examples.setdefault(task_name, {})[key] = gen
+            if tracking_run is not None:
+                tracking_run.log_metrics({f"{task_name}/{key}/{k}": v for k, v in values.items()})
     vocoder = Vocoder.load(tokenizers_dir / "vocoder")
     write_examples(examples, test, ref, evaluator, vocoder, report_dir, cfg)
     io.write_json(report_dir / "metrics.json", metrics)

@@ -20,6 +20,7 @@ Section numbers (§) refer to shared/reference/metrics-anchors.md.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import subprocess
@@ -84,8 +85,9 @@ class OfficialMetrics:
     set against a reference set, from any subset of the four extractors.
 
     Usage: `add_reference` for each ground-truth clip, `add_generated` for each generated one,
-    then `scores()`. `reset_generated()` empties the generated side only, so one reference pass
-    serves several generated sets (tasks, CFG scales).
+    then `scores()`. `reset_generated()` empties the generated side only, and `fresh_generated()`
+    gives a second scorer on the same reference side, so one reference pass serves several
+    generated sets (tasks, CFG scales), one after another or side by side.
     """
 
     def __init__(
@@ -144,6 +146,13 @@ class OfficialMetrics:
         self._generated_vggish = StatsAccumulator(VggishExtractor.dim)
         self._logits: list[np.ndarray] = []  # (527,) float32 per generated clip
         self._cs: list[float] = []  # 100 x cosine per generated clip
+
+    def fresh_generated(self) -> OfficialMetrics:
+        """A scorer sharing this one's extractors and reference side, with an empty generated
+        side of its own: one reference pass, several generated sets scored side by side."""
+        other = copy.copy(self)
+        other.reset_generated()
+        return other
 
     def _audio_features(self, wave: torch.Tensor) -> tuple[np.ndarray | None, ...]:
         """(PANNs embedding (1, 2048), PANNs logits (527,), VGGish rows (n, 128)) of a prepared

@@ -3,13 +3,17 @@
 `Generator` holds the trained transformer (`models/transformer/`), both tokenizers and the vocoder
 (`models/tokenizers/`), each loaded once. Its `run` encodes the given frames (uint8) and mels
 ([0, 1]), fills what the task asks for, and decodes; inputs are processed `batch_size` at a time.
-`GenerateBatch` wraps it as a Ray Data callable class for large-scale generation in evaluation.
+`GenerateBatch` wraps it as a Ray Data callable class for large-scale generation in evaluation:
+one actor runs several (task, CFG scale) settings on each batch, so one pass over the data (and
+one actor start: model loading) serves all of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,9 +123,16 @@ class Generator:
         return ids
 
     def fill(
-        self, spec: TaskSpec, ids: dict[str, np.ndarray], seed: int, progress: bool = False
+        self,
+        spec: TaskSpec,
+        ids: dict[str, np.ndarray],
+        seed: int,
+        progress: bool = False,
+        guidance: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run the unmasker over `ids` in batches; returns the filled ids."""
+        """Run the unmasker over `ids` in batches; returns the filled ids. `guidance` overrides
+        the configured CFG scale s."""
+        cfg = self.cfg if guidance is None else dataclasses.replace(self.cfg, guidance=guidance)
         n = len(ids["audio"])
         g = torch.Generator(device=self.device).manual_seed(seed)
         out = {m: [] for m in MODALITIES}
@@ -135,7 +146,7 @@ class Generator:
                 for m, v in ids.items()
             }
             b = len(part["audio"])
-            filled = self.unmasker().run(
+            filled = self.unmasker(cfg).run(
                 part, spec.batch_known(b, self.device), g, spec.condition,
                 on_step=lambda step, tokens, b=b: bar.update(b),
             )  # fmt: skip
@@ -173,15 +184,17 @@ class Generator:
         image_box: tuple[tuple[int, int], tuple[int, int]] | None = None,
         progress: bool = False,
         vocode: bool = True,
+        guidance: float | None = None,
     ) -> Generation:
         """Generate for every input (`images` (n, S, S, 3) uint8, `mels` (n, F, T) in [0, 1],
-        as the task needs) `samples` times; co-generation takes no input (n = 1)."""
+        as the task needs) `samples` times; co-generation takes no input (n = 1). `guidance`:
+        the CFG scale s, if not the configured one."""
         spec = task(task_name, self.layout, audio_span=audio_span, image_box=image_box)
         given = [x for x in (images, mels) if x is not None]
         n = len(given[0]) if given else 1
         ids = self.encode(images, mels, n)
         ids = {m: np.repeat(v, samples, axis=0) for m, v in ids.items()}
-        filled = self.fill(spec, ids, seed, progress)
+        filled = self.fill(spec, ids, seed, progress, guidance)
         return self.decode(task_name, filled, seed, vocode)
 
 
@@ -193,42 +206,60 @@ def _describe(layout: TokenLayout) -> str:
 
 
 class GenerateBatch:
-    """Ray Data callable class: loads a Generator once per actor; a batch of `image` frames
-    (uint8, (B, S, S, 3)) and/or `mel`s in; `gen_image`, `gen_mel`, `gen_wave` (empty rows when
-    `vocode` is false) and the ids `gen_audio_ids`, `gen_image_ids` out.
+    """Ray Data callable class: loads a Generator once per actor and runs each (task, s) of
+    `runs` on every batch. A batch holds `image` frames (uint8, (B, S, S, 3)) and/or `mel`s; each
+    task is given only the modality it conditions on. Out: the batch's columns and, per run,
+    `column(task, s, name)` for each name in OUTPUTS: `gen_image`, `gen_mel`, `gen_wave` (empty
+    rows when `vocode` is false or the task generates no audio), the ids `gen_audio_ids` and
+    `gen_image_ids`, and `seconds` (the batch's generation time spread over its rows).
 
-    A batch with a `row` column is seeded with `seed + row[0]`, so batches draw different noise
-    and a rerun gives the same samples; co-generation takes a batch of `row`s only and makes one
-    pair per row."""
+    A batch with a `row` column is seeded with `seed + row[0]` for every run, so batches draw
+    different noise and a rerun gives the same samples; co-generation takes a batch of `row`s
+    only and makes one pair per row."""
+
+    OUTPUTS = ("gen_image", "gen_mel", "gen_wave", "gen_audio_ids", "gen_image_ids", "seconds")
 
     def __init__(
         self,
         transformer_dir: str,
         tokenizers_dir: str,
         cfg: dict[str, Any],
-        task_name: str,
+        runs: Sequence[tuple[str, float]],
         seed: int = 0,
         device: str | None = None,
         vocode: bool = True,
     ) -> None:
         self.generator = Generator(transformer_dir, tokenizers_dir, GenerateConfig(**cfg), device)
-        self.task_name, self.seed, self.vocode = task_name, seed, vocode
+        self.runs = [(str(name), float(s)) for name, s in runs]
+        self.seed, self.vocode = seed, vocode
+        layout = self.generator.layout
+        self.inputs = {name: task(name, layout).known for name, _ in self.runs}
+
+    @staticmethod
+    def column(task_name: str, guidance: float, name: str) -> str:
+        """The output column of `name` for one run: "image2audio/s3/gen_mel"."""
+        return f"{task_name}/s{guidance:g}/{name}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = np.stack(batch["image"]) if "image" in batch else None
-        mels = np.stack(batch["mel"]).astype(np.float32) if "mel" in batch else None
         rows = batch.get("row")
         seed = self.seed + (int(rows[0]) if rows is not None and len(rows) else 0)
-        samples = 1
-        if images is None and mels is None:
-            samples = len(rows) if rows is not None else 1
-        out = self.generator.run(
-            self.task_name, images, mels, samples=samples, seed=seed, vocode=self.vocode
-        )
-        return batch | {
-            "gen_image": out.images,
-            "gen_mel": out.mels,
-            "gen_wave": out.waves,
-            "gen_audio_ids": out.ids["audio"],
-            "gen_image_ids": out.ids["image"],
-        }
+        out = dict(batch)
+        for task_name, s in self.runs:
+            known = self.inputs[task_name]
+            images = np.stack(batch["image"]) if known["image"].any() else None
+            mels = np.stack(batch["mel"]).astype(np.float32) if known["audio"].any() else None
+            samples = 1
+            if images is None and mels is None:
+                samples = len(rows) if rows is not None else 1
+            start = time.perf_counter()
+            # Waves only where audio is generated (audio→image would vocode its own input).
+            vocode = self.vocode and not bool(known["audio"].all())
+            gen = self.generator.run(
+                task_name, images, mels, samples=samples, seed=seed, vocode=vocode, guidance=s
+            )
+            n = len(gen.mels)
+            values = (gen.images, gen.mels, gen.waves, gen.ids["audio"], gen.ids["image"],
+                      np.full(n, (time.perf_counter() - start) / max(n, 1)))  # fmt: skip
+            for name, value in zip(self.OUTPUTS, values, strict=True):
+                out[self.column(task_name, s, name)] = value
+        return out
