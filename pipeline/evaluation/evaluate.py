@@ -147,16 +147,16 @@ def generate_and_embed(
     seed: int,
     example_rows: set[int],
     count: int = 0,
-    official: dict[str, OfficialMetrics] | None = None,
+    official: dict[tuple[str, str], OfficialMetrics] | None = None,
 ) -> dict[tuple[str, str], Generated]:
     """Run every (task, key, s) of `runs` in one Ray Data pass and keep what scoring needs, by
-    (task, key). Co-generation (`count` pairs, no input) runs alone. `official` maps a key to
-    the paper-protocol scorer of that image→audio run: its clips are vocoded and fed to it."""
+    (task, key). Co-generation (`count` pairs, no input) runs alone. `official` maps an
+    image→audio (task, key) to its paper-protocol scorer: its clips are vocoded and fed to it."""
     import ray
 
     from pipeline.inference.generate import GenerateBatch
 
-    if {t for t, _, _ in runs} & {"cogenerate"} and len(runs) > 1:
+    if len(runs) > 1 and any(t == "cogenerate" for t, _, _ in runs):
         raise ValueError("co-generation takes no input: it runs in a pass of its own")
     if runs[0][0] == "cogenerate":
         ds = ray.data.range(count).map_batches(
@@ -205,9 +205,11 @@ def generate_and_embed(
             part = parts[(task_name, key)]
             part.rows.append(batch["row"])
             part.seconds += float(col["seconds"].sum())
-            if task_name == "image2audio" and official and key in official:
+            if official and (task_name, key) in official:
                 for wave, row in zip(col["gen_wave"], batch["row"], strict=True):
-                    official[key].add_generated(wave, sample_rate, test.frames[int(row)])
+                    official[(task_name, key)].add_generated(
+                        wave, sample_rate, test.frames[int(row)]
+                    )
             if task_name != "audio2image":
                 part.audio.append(evaluator.audio_outputs(col["gen_mel"]))
             if task_name != "image2audio":
@@ -327,9 +329,9 @@ def run_evaluate(
     passes = [conditional] if conditional else []
     if "cogenerate" in cfg.tasks:
         passes.append([("cogenerate", "free", 1.0)])  # nothing to guide by: one run
-    scorers: dict[str, OfficialMetrics] = {}
+    scorers: dict[tuple[str, str], OfficialMetrics] = {}
     if official is not None:
-        scorers = {key: official.fresh_generated() for t, key, _ in conditional
+        scorers = {(t, key): official.fresh_generated() for t, key, _ in conditional
                    if t == "image2audio"}  # fmt: skip
     generated: dict[tuple[str, str], Generated] = {}
     with ray_session():
@@ -351,8 +353,8 @@ def run_evaluate(
             gen = generated[(task_name, key)]
             values = score(task_name, gen, ref) | {"seconds": round(gen.seconds, 1)}
             metrics.setdefault(task_name, {})[key] = values
-            if key in scorers and task_name == "image2audio":
-                paper = scorers[key].scores(full_vggsound_test=full_test)
+            if (task_name, key) in scorers:
+                paper = scorers[(task_name, key)].scores(full_vggsound_test=full_test)
                 metrics.setdefault("paper_protocol", {})[key] = paper
                 if tracking_run is not None:
                     numbers = {k: v for k, v in paper.items() if _is_number(v)}
