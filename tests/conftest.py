@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -311,14 +312,33 @@ def run_in(repo: Path, *args: str, check: bool = True) -> str:
     return proc.stdout + proc.stderr
 
 
+class Upstream(NamedTuple):
+    """A tiny project on which `dvc repro tokenizers` has run, and what that printed."""
+
+    repo: Path
+    log: str
+
+
+UPSTREAM_STAGES = ("download", "extract", "tokenizers")
+
+
 @pytest.fixture(scope="session")
-def tiny_project(tmp_path_factory) -> Path:
-    """A copy of the project as a fresh git + DVC repository on the tiny profile (not run yet)."""
+def tiny_upstream(tmp_path_factory) -> Upstream:
+    """The project as a fresh git + DVC repository on the tiny profile, after `dvc repro
+    tokenizers`: the clips, the extracted data and the tokenizers every later stage starts from.
+    Built once for the session; tests never change it, they take a `copy_repo` of it."""
+    repo = new_tiny_repo(tmp_path_factory.mktemp("upstream") / "repo")
+    return Upstream(repo, run_in(repo, "dvc", "repro", UPSTREAM_STAGES[-1]))
+
+
+def new_tiny_repo(repo: Path) -> Path:
+    """The project's code, dvc.yaml and params.yaml on the tiny profile in a fresh git + DVC
+    repository at `repo`, nothing run yet."""
     import shutil
 
     from pipeline.profiles import apply_profile
 
-    repo = tmp_path_factory.mktemp("repo")
+    repo.mkdir(parents=True)
     for name in ("pipeline", "stages", "profiles"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
@@ -328,6 +348,24 @@ def tiny_project(tmp_path_factory) -> Path:
     run_in(repo, "dvc", "init", "-q")
     run_in(repo, "dvc", "config", "core.analytics", "false")
     return repo
+
+
+def copy_repo(src: Path, dst: Path) -> Path:
+    """A copy of the repository `src` at `dst`, as if the user had moved it, but for the MLflow
+    store: the experiment there records `src`'s artifact folder, so the copy starts its own."""
+    import shutil
+
+    skip = {src / "mlflow.db", src / "mlruns", src / ".dvc" / "tmp"}
+    shutil.copytree(src, dst, symlinks=True,
+                    ignore=lambda folder, names: [n for n in names if Path(folder, n) in skip])  # fmt: skip
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tiny_upstream, tmp_path_factory) -> Path:
+    """A copy of `tiny_upstream` that the session takes further: test_dvc runs the rest of the
+    DAG in it, test_generate uses the checkpoint that leaves."""
+    return copy_repo(tiny_upstream.repo, tmp_path_factory.mktemp("tiny") / "repo")
 
 
 # ------------------------------------------------ reliability: stage processes to interrupt

@@ -6,7 +6,7 @@ each in its own session with its own --temp-dir and free ports, and tears them d
 exactly the processes it started (the two `ray start`s, everything under them, and any process
 whose command line names its temp dir). `ray stop` is never run: it would stop every Ray
 instance on the machine. The unit tests at the top need no cluster; the others are marked
-`cluster` and `slow` (about 6-7 min together on a 2-core machine, most of it the tiny pipeline).
+`cluster` and `slow`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import run_in
+from conftest import copy_repo, new_tiny_repo, run_in
 
 from pipeline import submit
 from pipeline.cli import build_parser, main
@@ -373,92 +373,16 @@ def _submit(repo: Path, env: dict[str, str], *args: str) -> subprocess.Completed
                           capture_output=True, text=True, timeout=900)  # fmt: skip
 
 
-TRAIN_JOB = """
-import dataclasses, json, sys
-from pathlib import Path
-from pipeline.config import load_params
-from pipeline.training.ray_train import run_train
-
-tmp = Path(sys.argv[1])
-params = load_params(sys.argv[2])
-model = dataclasses.replace(params.model, embed_dim=16, depth=1, num_heads=2,
-                            decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
-train = dataclasses.replace(params.train, num_workers=2, cpus_per_worker=1, steps=4,
-                            batch_size=8, warmup_steps=1, log_every=2, eval_every=4,
-                            checkpoint_every=2, figure_every=0, storage_path=str(tmp / "shared"))
-summary = run_train(model, train, 0, tmp / "tokens", tmp / "none", tmp / "model", tmp / "reports")
-print("RESULT " + json.dumps({"run_name": summary.run_name, "steps": summary.steps}))
-"""
-
-
-@pytest.mark.cluster
-@pytest.mark.slow
-def test_ray_train_job_spans_both_nodes_and_checkpoints_to_shared_storage(
-    ray_cluster, tmp_path, make_token_dir, monkeypatch
-):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-    from ray.util.state import list_actors
-
-    _job_env(monkeypatch)
-    make_token_dir(tmp_path / "tokens")
-    script = tmp_path / "train_job.py"
-    script.write_text(TRAIN_JOB)
-    client = JobSubmissionClient(ray_cluster.address)
-    job_id = client.submit_job(
-        entrypoint=f"python {script} {tmp_path} {ROOT / 'params.yaml'}",
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
-    )
-    deadline = time.monotonic() + 600
-    while client.get_job_status(job_id) not in (
-        JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED,
-    ):  # fmt: skip
-        assert time.monotonic() < deadline, "the training job did not finish in 10 min"
-        time.sleep(2)
-    logs = client.get_job_logs(job_id)
-    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-5000:]
-    result = json.loads(next(x for x in logs.splitlines() if x.startswith("RESULT "))[7:])
-    assert result["steps"] == 4
-
-    # The two Ray Train workers of this job ran one on each node.
-    job_hex = client.get_job_info(job_id).job_id
-    workers = list_actors(address=ray_cluster.address, detail=True, limit=1000,
-                          filters=[("class_name", "=", "RayTrainWorker")])  # fmt: skip
-    nodes = ray_cluster.nodes()
-    used = sorted(nodes.get(w.node_id, "?") for w in workers if w.job_id == job_hex)
-    assert used == ["node_a", "node_b"], (used, nodes)
-
-    # Checkpoints went to the storage path both nodes see, under the run's name.
-    run_dir = tmp_path / "shared" / result["run_name"]
-    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
-    assert checkpoints, f"no checkpoint in {run_dir}"
-    from pipeline.training.loop import STATE_NAME
-
-    assert all((c / STATE_NAME).is_file() for c in checkpoints)
-    assert (tmp_path / "model" / "weights.pt").is_file()
-
-
 # ------------------------------------------------------------ `visual-echoes submit` end to end
 
 
-def _tiny_copy(repo: Path, **overrides: str) -> Path:
-    """A fresh git + DVC repository of the project on the tiny profile (as conftest's
-    `tiny_project`, but private to this module), with `params.yaml` lines replaced."""
-    from pipeline.profiles import apply_profile
-
-    repo.mkdir(parents=True)
-    for name in ("pipeline", "stages", "profiles"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(ROOT / name, repo / name)
-    apply_profile(repo / "profiles" / "tiny.yaml", repo / "params.yaml")
+def _set_params(repo: Path, **overrides: str) -> Path:
+    """Replace `key: value` lines of the repository's params.yaml (each key exactly once)."""
     text = (repo / "params.yaml").read_text()
     for key, value in overrides.items():
         text, n = re.subn(rf"^(  {key}:) [^#\n]*?(\s*(#.*)?)$", rf"\1 {value}\2", text, flags=re.M)
         assert n == 1, key
     (repo / "params.yaml").write_text(text)
-    run_in(repo, "git", "init", "-q")
-    run_in(repo, "dvc", "init", "-q")
-    run_in(repo, "dvc", "config", "core.analytics", "false")
     return repo
 
 
@@ -468,26 +392,35 @@ def _ran(out: str) -> list[str]:
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_submit_runs_the_tiny_pipeline_to_train_on_the_cluster(ray_cluster, tmp_path, monkeypatch):
-    """`visual-echoes submit --in-place train`: download → extract → tokenizers → tokenize →
-    train as one job, train with 2 Ray Train workers on the 2 nodes; then a params change and
-    `submit train` reruns only train. Stops at train (evaluator, sweep and evaluate add
-    minutes and nothing cluster-specific; tests/test_dvc.py runs them locally)."""
+def test_submit_runs_tokenize_and_train_on_the_cluster(
+    ray_cluster, tiny_upstream, tmp_path, monkeypatch
+):
+    """`visual-echoes submit --in-place train` on a copy of conftest's `tiny_upstream` (clips,
+    extracted data and tokenizers made locally): tokenize (Ray Data) and train (2 Ray Train
+    workers, one per node) as one job; then a params change and `submit train` reruns only
+    train. Download, extract and tokenizers use Ray nowhere; evaluator, sweep and evaluate add
+    minutes and nothing cluster-specific (tests/test_dvc.py runs the whole DAG locally)."""
+    from pipeline.training.loop import STATE_NAME
+
     env = _job_env(monkeypatch)
-    repo = _tiny_copy(tmp_path / "repo", num_workers="2", cpus_per_worker="1")
+    repo = copy_repo(tiny_upstream.repo, tmp_path / "repo")
+    _set_params(repo, num_workers="2", cpus_per_worker="1")
     addr = ["--address", ray_cluster.address]
     before = set(ray_cluster.train_workers())
     proc = _submit(repo, env, *addr, "--in-place", "train")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-8000:]
-    assert _ran(out) == ["download", "extract", "tokenizers", "tokenize", "train"]
+    assert _ran(out) == ["tokenize", "train"]
     assert "2 worker(s)" in out and "train: 4 steps" in out
     assert re.search(r"submit: job visual-echoes-train-\S+ SUCCEEDED in \d+s", out)
     model = json.loads((repo / "models/transformer/meta.json").read_text())
-    assert model["step"] == 4
+    assert model["step"] == 4 and (repo / "models/transformer/weights.pt").is_file()
     assert (repo / "reports/train/metrics.json").is_file() and (repo / "mlflow.db").is_file()
-    assert list((repo / "data/.cache/ray_train").glob("train-*/checkpoint_*/"))
-    # The train stage, a process under `dvc repro` under the job, joined this cluster.
+    # Checkpoints went to the storage path both nodes see, under the run's name.
+    checkpoints = list((repo / "data/.cache/ray_train").glob("train-*/checkpoint_*/"))
+    assert checkpoints and all((c / STATE_NAME).is_file() for c in checkpoints)
+    # The train stage, a process under `dvc repro` under the job, joined this cluster, and its
+    # two Ray Train workers ran one on each node.
     nodes = ray_cluster.nodes()
     new = {a: n for a, n in ray_cluster.train_workers().items() if a not in before}
     assert sorted(nodes.get(n, "?") for n in new.values()) == ["node_a", "node_b"]
@@ -566,7 +499,7 @@ def test_submit_uploads_the_code_and_brings_the_results_back(ray_cluster, tmp_pa
     """Upload mode: the job runs `download` in Ray's copy of the code, pushes the clips to the
     DVC remote and hands back dvc.lock and the reports; MLflow goes to the forwarded URI."""
     env = _job_env(monkeypatch)
-    repo = _tiny_copy(tmp_path / "repo")
+    repo = new_tiny_repo(tmp_path / "repo")
     remote = tmp_path / "remote"
     run_in(repo, "dvc", "remote", "add", "-d", "store", str(remote))
     store = tmp_path / "tracking" / "mlflow.db"

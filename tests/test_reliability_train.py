@@ -164,7 +164,7 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local instance of this test's own
     cfg = dataclasses.replace(
-        TRAIN, steps=200, num_workers=2, max_failures=1, checkpoint_every=10, log_every=10,
+        TRAIN, steps=100, num_workers=2, max_failures=1, checkpoint_every=10, log_every=10,
         run_name="kill-a-worker", storage_path=str(tmp_path / "ray"),
     )  # fmt: skip
     storage = tmp_path / "ray" / "kill-a-worker"
@@ -195,11 +195,11 @@ def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(
         thread.join(300)
     assert not thread.is_alive() and "error" not in result, result.get("error")
     summary = result["summary"]
-    assert summary.steps == 200
-    assert 0 < summary.resumed_from < 200  # restarted from a checkpoint, not from step 0
+    assert summary.steps == 100
+    assert 0 < summary.resumed_from < 100  # restarted from a checkpoint, not from step 0
     assert not victim.is_running()
     _, meta = load_transformer(tmp_path / "model")
-    assert meta["step"] == 200
+    assert meta["step"] == 100
 
 
 # ------------------------------------------------------------------ the whole stage killed
