@@ -63,7 +63,11 @@ def write_table(path: str | Path, table: pa.Table) -> None:
 
 
 def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
-    return pq.read_table(path, columns=columns)
+    """Read a Parquet file through one open handle: given a path, pyarrow opens it more than
+    once, and a `write_table` replacing the file in between (the download manifest is rewritten
+    while a run goes on) gave torn reads ("Page was smaller than expected")."""
+    with open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
 
 
 def remove_stale_temporaries(folder: str | Path) -> int:

@@ -13,6 +13,8 @@ import functools
 import re
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -92,6 +94,32 @@ def test_an_atomic_write_that_hits_a_full_disk_leaves_the_old_file(tmp_path, mon
     assert info.value.errno == errno.ENOSPC
     assert path.read_bytes() == before  # the finished file is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["table.parquet"]  # no temporary left
+
+
+def test_a_table_reads_whole_while_another_thread_replaces_it(tmp_path):
+    # The download manifest is rewritten after every few clips while the run goes on.
+    path = tmp_path / "table.parquet"
+    io.write_table(path, pa.table({"x": [0]}))
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        n = 0
+        while not stop.is_set():
+            n = n % 50 + 1
+            io.write_table(path, pa.table({"x": list(range(n)), "s": ["y" * (n % 7)] * n}))
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        deadline, reads = time.monotonic() + 2.0, 0
+        while time.monotonic() < deadline:
+            table = io.read_table(path)  # by path, pyarrow opened it twice: torn reads
+            assert table.column("x").to_pylist() == list(range(table.num_rows))
+            reads += 1
+    finally:
+        stop.set()
+        writer.join()
+    assert reads > 100
 
 
 def test_extract_on_a_full_disk_keeps_its_chunks_and_never_writes_a_half_output(
