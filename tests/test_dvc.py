@@ -183,8 +183,9 @@ def test_changing_an_extract_param_reruns_extract_and_stales_what_follows(tiny_r
     out = _run(tiny_repo, "dvc", "repro", "extract")
     assert _ran(out) == ["extract"]
     assert manifest.stat().st_mtime_ns == before
-    # Every stage that reads the extracted data is now stale; train is not yet (it reads the ids
-    # and the tokenizers, which `dvc repro` would remake first: the tokenize param test's case).
+    # Every stage that reads the extracted data is now stale. Train is not listed: `dvc status`
+    # names the stages whose own inputs changed, and train reads the ids and the tokenizers,
+    # which `dvc repro` would remake first (a stale train is the tokenize param test's case).
     stale = re.findall(r"^(\w+):$", _run(tiny_repo, "dvc", "status"), flags=re.M)
     assert sorted(stale) == sorted(["tokenizers", "tokenize", "evaluator", "sweep", "evaluate"])
     _restore(tiny_repo, text, "extract")
