@@ -33,6 +33,7 @@ from conftest import copy_repo, new_tiny_repo, run_in
 
 from pipeline import submit
 from pipeline.cli import build_parser, main
+from pipeline.profiles import apply_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -376,14 +377,12 @@ def _submit(repo: Path, env: dict[str, str], *args: str) -> subprocess.Completed
 # ------------------------------------------------------------ `visual-echoes submit` end to end
 
 
-def _set_params(repo: Path, **overrides: str) -> Path:
-    """Replace `key: value` lines of the repository's params.yaml (each key exactly once)."""
-    text = (repo / "params.yaml").read_text()
-    for key, value in overrides.items():
-        text, n = re.subn(rf"^(  {key}:) [^#\n]*?(\s*(#.*)?)$", rf"\1 {value}\2", text, flags=re.M)
-        assert n == 1, key
-    (repo / "params.yaml").write_text(text)
-    return repo
+def _two_workers(repo: Path, scratch: Path) -> None:
+    """Train with two Ray Train workers of one CPU each: a `train:` overlay applied to the
+    repository's params.yaml the way profiles are (comments kept, validated first)."""
+    overlay = scratch / "two-workers.yaml"
+    overlay.write_text("train:\n  num_workers: 2\n  cpus_per_worker: 1\n")
+    apply_profile(overlay, repo / "params.yaml")
 
 
 def _ran(out: str) -> list[str]:
@@ -404,7 +403,7 @@ def test_submit_runs_tokenize_and_train_on_the_cluster(
 
     env = _job_env(monkeypatch)
     repo = copy_repo(tiny_upstream.repo, tmp_path / "repo")
-    _set_params(repo, num_workers="2", cpus_per_worker="1")
+    _two_workers(repo, tmp_path)
     addr = ["--address", ray_cluster.address]
     before = set(ray_cluster.train_workers())
     proc = _submit(repo, env, *addr, "--in-place", "train")
