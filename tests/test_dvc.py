@@ -8,6 +8,7 @@ here runs the rest in a copy.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -125,6 +126,24 @@ def test_sweep_trials_are_child_runs_of_the_sweep_run(tiny_repo):
     assert tags["stage"] == "evaluate" and tags["git_commit"] and tags["train_run"]
     out = _run(tiny_repo, "visual-echoes", "compare", "--sort", "fd")
     assert out.count("sweep-trial") == 4 and "evaluate" in out
+
+
+def test_bench_dag_time_lists_each_stage_run(tiny_repo, capsys, monkeypatch):
+    """bench/dag_time.py on the copy: the stages this module ran have a run with its seconds;
+    the upstream ones ran in tiny_upstream's store, which the copy left behind."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = importlib.util.spec_from_file_location("dag_time", ROOT / "bench" / "dag_time.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--repo", str(tiny_repo)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split()[0] in STAGES}
+    assert sorted(rows) == sorted(STAGES)
+    for stage in UPSTREAM_STAGES:
+        assert rows[stage].endswith("no run in this store")
+    for stage in STAGES[3:]:
+        assert re.fullmatch(rf"{stage} +\d{{4}}-\d\d-\d\d [\d:]{{8}} +\d+ +\d*", rows[stage])
+    assert "not one `dvc repro` from scratch: download has no run" in out
 
 
 def test_second_repro_runs_nothing(tiny_repo):

@@ -1,0 +1,115 @@
+"""Where the time of the last `dvc repro` went, stage by stage, read from the MLflow store.
+
+    python bench/dag_time.py [--repo .] [--experiment NAME] [--target-min 15]
+
+For every stage of dvc.yaml, in DAG order, the latest MLflow run tagged with that stage: its
+`seconds` metric (the stage's own work, as the stage measured it; the run's open time when it
+has none) and the gap since the stage before it closed its run (DVC, the process's start and
+its imports). The span from the first stage's start to the last stage's end is
+the DAG's time but for DVC's own start-up and each stage process's imports before its run opens;
+it is only one `dvc repro` when every stage started after the one before it ended (said when
+not, e.g. when DVC restored a stage from its run cache instead of running it).
+
+Sweep trials are child runs with their own tag and are left out. Prints the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import load_params  # noqa: E402
+from pipeline.tracking import tracking_uri  # noqa: E402
+
+
+def machine() -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+                 if ln.startswith("model name")]  # fmt: skip
+        model = names[0] if names else model
+    return f"{model}, {cores} CPU cores"
+
+
+def latest_runs(uri: str, experiment: str, stages: list[str]) -> dict[str, object]:
+    """stage -> the newest MLflow run tagged `stage=<stage>` (stages with no run left out)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return {}
+    runs = {}
+    for stage in stages:
+        found = client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.stage = '{stage}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if found:
+            runs[stage] = found[0]
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repo", type=Path, default=Path("."), help="the project (dvc.yaml, params)")
+    ap.add_argument("--experiment", help="default: base.experiment in params.yaml")
+    ap.add_argument("--target-min", type=float, default=15.0)
+    args = ap.parse_args(argv)
+
+    repo = args.repo.resolve()
+    stages = list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
+    experiment = args.experiment or load_params(repo / "params.yaml").base.experiment
+    uri = tracking_uri(repo)
+    runs = latest_runs(uri, experiment, stages)
+    print(f"machine: {machine()}")
+    print(f"store: {uri}, experiment {experiment!r}")
+    print(f"{'stage':<11} {'started':<19} {'seconds':>8} {'gap':>5}")
+    order_broken = []
+    previous_end = None
+    for stage in stages:
+        run = runs.get(stage)
+        if run is None:
+            print(f"{stage:<11} no run in this store")
+            continue
+        info = run.info
+        started = datetime.fromtimestamp(info.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S")
+        end = info.end_time or info.start_time
+        seconds = run.data.metrics.get("seconds", (end - info.start_time) / 1000)
+        gap = "" if previous_end is None else f"{(info.start_time - previous_end) / 1000:.0f}"
+        print(f"{stage:<11} {started:<19} {seconds:>8.0f} {gap:>5}")
+        if previous_end is not None and info.start_time < previous_end:
+            order_broken.append(stage)
+        previous_end = end
+    if not runs:
+        print("no stage runs: run `dvc repro` first")
+        return 1
+    first = min(r.info.start_time for r in runs.values())
+    last = max(r.info.end_time or r.info.start_time for r in runs.values())
+    span = (last - first) / 60_000
+    print(
+        f"span: {span:.1f} min from the first stage's start to the last one's end "
+        f"(target {args.target_min:g} min: {'met' if span <= args.target_min else 'not met'})"
+    )
+    missing = [s for s in stages if s not in runs]
+    if order_broken or missing:
+        why = [f"{s} started before the stage before it ended" for s in order_broken]
+        why += [f"{s} has no run" for s in missing]
+        print(f"not one `dvc repro` from scratch: {'; '.join(why)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
