@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}")
     print(f"store: {uri}, experiment {experiment!r}")
     print(f"{'stage':<11} {'started':<19} {'seconds':>8} {'gap':>5}")
-    order_broken = []
+    order_broken, starts, ends = [], [], []
     previous_end = None
     for stage in stages:
         run = runs.get(stage)
@@ -93,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         if previous_end is not None and info.start_time < previous_end:
             order_broken.append(stage)
         previous_end = end
+        starts.append(info.start_time)
+        ends.append(end)
     if not runs:
         print("no stage runs: run `dvc repro` first")
         return 1
-    first = min(r.info.start_time for r in runs.values())
-    last = max(r.info.end_time or r.info.start_time for r in runs.values())
-    span = (last - first) / 60_000
+    span = (max(ends) - min(starts)) / 60_000
     print(
         f"span: {span:.1f} min from the first stage's start to the last one's end "
         f"(target {args.target_min:g} min: {'met' if span <= args.target_min else 'not met'})"
