@@ -111,7 +111,7 @@ CLASSES: tuple[SynthClass, ...] = (
         (0.88, 0.12, 0.10),
         0.375,
         "red shaded disc bouncing on an invisible floor",
-        "100-150 Hz soft square-wave thump with a pitch drop at each floor contact",
+        "150-220 Hz soft square-wave thump with a pitch drop at each floor contact",
     ),
     SynthClass(
         1,
@@ -127,7 +127,7 @@ CLASSES: tuple[SynthClass, ...] = (
         (0.15, 0.30, 0.95),
         0.125,
         "blue ring that swells at a steady 2-3.5 Hz pulse",
-        "1.9-2.7 kHz chirp rising by 30% at each pulse",
+        "1.3-1.8 kHz chirp rising by 30% at each pulse",
     ),
     SynthClass(
         3,
@@ -151,7 +151,7 @@ CLASSES: tuple[SynthClass, ...] = (
         (0.85, 0.15, 0.80),
         0.25,
         "magenta five-pointed star drifting, popping at each strike",
-        "inharmonic 680-990 Hz bell (partials x2.76, x4.07, x5.4) struck at irregular times",
+        "680-990 Hz bell (partials x1.2, x1.5, x2: minor third, fifth, octave) struck at irregular times",
     ),
     SynthClass(
         6,
@@ -159,7 +159,7 @@ CLASSES: tuple[SynthClass, ...] = (
         (1.00, 0.50, 0.05),
         0.5,
         "orange horizontally striped panel flashing at 3-6 Hz",
-        "0.6-1.4 kHz noise click at each flash",
+        "2.5-4 kHz noise burst at each flash",
     ),
     SynthClass(
         7,
@@ -491,7 +491,7 @@ def _sound(cls: int, p: dict, rng: np.random.Generator, n: int, sr: int) -> np.n
         kt = np.arange(int(0.3 * sr)) / sr
         freq = p["f0"] * (1.0 + 0.6 * np.exp(-kt / 0.03))
         # a soft square (tanh) keeps the harmonics low: a thump, not a broadband click
-        wave = np.tanh(2.5 * np.sin(2 * np.pi * np.cumsum(freq) / sr)) * np.exp(-kt / 0.07)
+        wave = np.tanh(2.5 * np.sin(2 * np.pi * np.cumsum(freq) / sr)) * np.exp(-kt / 0.12)
         wave *= np.minimum(1.0, kt / 0.003)
         gains = rng.uniform(0.7, 1.0, len(p["onsets"]))
         _add_events(out, p["onsets"], sr, lambda k: gains[k] * wave)
@@ -522,19 +522,19 @@ def _sound(cls: int, p: dict, rng: np.random.Generator, n: int, sr: int) -> np.n
             * np.minimum(1.0, kt / 0.001)
         )  # a 1-ms attack: no broadband splatter
         _add_events(out, drips, sr, lambda k: 0.5 * tick)
-    elif cls == 5:  # inharmonic bell strikes
+    elif cls == 5:  # bell strikes: a church bell's prime, tierce, quint and nominal
         kt = np.arange(int(1.5 * sr)) / sr
         wave = sum(
             a * np.sin(2 * np.pi * p["f0"] * r * kt) * np.exp(-kt / d)
-            for r, a, d in ((1.0, 1.0, 1.2), (2.76, 0.45, 0.6), (4.07, 0.25, 0.4), (5.4, 0.2, 0.3))
+            for r, a, d in ((1.0, 1.0, 1.2), (1.2, 0.6, 0.9), (1.5, 0.5, 0.7), (2.0, 0.4, 0.6))
         )
         wave = wave * np.minimum(1.0, kt / 0.002)
         gains = rng.uniform(0.6, 1.0, len(p["onsets"]))
         _add_events(out, p["onsets"], sr, lambda k: gains[k] * wave)
-    elif cls == 6:  # noise click at each flash
-        m = int(0.03 * sr)
-        clicks = _band_noise(rng, m * len(p["onsets"]) + 1, sr, 600, 1400).reshape(-1)
-        env = np.exp(-np.arange(m) / sr / 0.007) * np.minimum(1.0, np.arange(m) / sr / 0.002)
+    elif cls == 6:  # a short noise burst at each flash
+        m = int(0.12 * sr)
+        clicks = _band_noise(rng, m * len(p["onsets"]) + 1, sr, 2500, 4000).reshape(-1)
+        env = np.exp(-np.arange(m) / sr / 0.04) * np.minimum(1.0, np.arange(m) / sr / 0.002)
         _add_events(out, p["onsets"], sr, lambda k: clicks[k * m : (k + 1) * m] * env)
     else:  # rumble swelling with the waves
         swell = 0.6 + 0.4 * np.sin(2 * np.pi * t / p["period"] - p["phase"])
@@ -571,7 +571,7 @@ def _params(cls: int, rng: np.random.Generator, cfg: SyntheticConfig) -> dict:
         p["height"] = rng.uniform(0.3, 0.5)
         p["x0"] = rng.uniform(0.25, aspect - 0.25)
         p["drift"] = rng.uniform(0.0, 0.12)
-        p["f0"] = 120.0 * pitch
+        p["f0"] = 180.0 * pitch
         # the ball is on the floor where sin(pi (t / period + phase)) == 0
         first = (np.ceil(p["phase"]) - p["phase"]) * p["period"]
         p["onsets"] = np.arange(first, duration, p["period"])
@@ -590,7 +590,7 @@ def _params(cls: int, rng: np.random.Generator, cfg: SyntheticConfig) -> dict:
         p["y0"] = rng.uniform(0.3, 0.7)
         p["onsets"] = _regular_onsets(rng, rng.uniform(2.0, 3.5), duration, 0.0)
         p["chirp_s"] = rng.uniform(0.1, 0.16)
-        p["f0"] = 2200.0 * pitch
+        p["f0"] = 1500.0 * pitch
     elif cls == 3:
         p["size"] = 0.2 * scale
         p["x0"] = rng.uniform(0.3, aspect - 0.3)
