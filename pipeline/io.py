@@ -7,12 +7,13 @@ temporary sibling and renamed into place (rename is atomic on POSIX within one f
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,14 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 def write_json(path: str | Path, obj: Any) -> None:
     """Write `obj` as indented, key-sorted JSON (stable bytes for DVC)."""
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    """Write `rows` as CSV with a header of `columns` (keys not in it are left out), atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def read_json(path: str | Path) -> Any:

@@ -22,7 +22,8 @@ def main() -> str:
         paper = summary.metrics.get("paper_protocol", {}).values()
         comparable = bool(paper) and all(v["comparable_to_paper"] for v in paper)
         run.set_tags({"comparable_to_paper": str(comparable).lower()})
-        for name in ("metrics.json", "image2audio.png", "audio2image.png", "cogenerate.png"):
+        figures = ("image2audio.png", "audio2image.png", "cogenerate.png", "confusion.png")
+        for name in ("metrics.json", "per_class.csv", *figures):
             if (report / name).is_file():
                 run.log_artifact(report / name)
         run.log_artifacts(report / "samples", artifact_path="samples")

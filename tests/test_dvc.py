@@ -8,6 +8,7 @@ here runs the rest in a copy.
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import re
@@ -94,8 +95,19 @@ def _check_evaluation_outputs(repo: Path, out: str) -> None:
         assert key in metrics["image2audio"]["s3"]
     assert "fid_local" in metrics["audio2image"]["s1"]
     assert "agreement_local" in metrics["cogenerate"]["free"]
-    for name in ("image2audio.png", "audio2image.png", "cogenerate.png"):
+    for name in ("image2audio.png", "audio2image.png", "cogenerate.png", "confusion.png"):
         assert (repo / "reports/evaluate" / name).stat().st_size > 1000
+    # per_class.csv: every label of each conditional task and scale, adding up to acc_local
+    with open(repo / "reports/evaluate/per_class.csv", newline="") as f:
+        per_class = list(csv.DictReader(f))
+    labels = json.loads((repo / "models/evaluator/meta.json").read_text())["labels"]
+    for task in ("image2audio", "audio2image"):
+        for key in ("s3", "s1"):
+            rows = [r for r in per_class if (r["task"], r["setting"]) == (task, key)]
+            assert [r["label"] for r in rows] == labels
+            assert sum(int(r["clips"]) for r in rows) == 4
+            correct = sum(int(r["correct"]) for r in rows)
+            assert correct / 4 == pytest.approx(metrics[task][key]["acc_local"])
     wavs = sorted((repo / "reports/evaluate/samples/image2audio").glob("*.wav"))
     assert len(wavs) == 2 and all(w.stat().st_size > 10_000 for w in wavs)
     assert "evaluate: image2audio s3: accuracy" in out

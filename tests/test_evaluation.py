@@ -29,7 +29,7 @@ from pipeline.data.audio import log_mel
 from pipeline.data.extract import jpeg_bytes
 from pipeline.data.synthetic import ClipSpec, parse_clip_id, render_clip
 from pipeline.data.token_dataset import eval_frame
-from pipeline.evaluation.evaluate import decode_clips, spread
+from pipeline.evaluation.evaluate import Generated, decode_clips, spread, write_per_class
 from pipeline.evaluation.figures import evaluator_figure, generation_figure, image_grid_figure
 from pipeline.evaluation.local import LocalEvaluator, Outputs
 from pipeline.evaluation.scoring import (
@@ -434,6 +434,33 @@ def test_evaluator_figure_writes_a_png(tmp_path):
     path = evaluator_figure(history, confusion, ["dog / bark", "cat / meow"], tmp_path / "e.png")
     assert path == tmp_path / "e.png"
     _assert_png(path, (600, 200))
+
+
+def test_write_per_class_breaks_accuracy_down_by_the_conditions_label(tmp_path):
+    def outputs(predicted: list[int]) -> Outputs:
+        n = len(predicted)
+        return Outputs(np.zeros((n, 4)), np.eye(3)[predicted], np.ones((n, 2)))
+
+    ref = Reference(np.array([0, 0, 1, 2]), *([None] * 4))  # only the labels are read
+    rows = np.array([3, 0, 1, 2])  # Ray's order: row i was conditioned on clip rows[i]
+    generated = {
+        ("image2audio", "s3"): Generated(rows, outputs([2, 0, 1, 1]), None),
+        ("audio2image", "s3"): Generated(rows, None, outputs([2, 0, 0, 0])),
+        ("cogenerate", "free"): Generated(rows, outputs([0, 0, 0, 0]), outputs([1, 1, 1, 1])),
+    }
+    write_per_class(generated, ref, ["dog / bark", "cat / meow", "owl / hoot"], tmp_path)
+    with open(tmp_path / "per_class.csv", newline="") as f:
+        table = [(r["task"], r["label"], r["clips"], r["correct"], r["acc_local"])
+                 for r in csv.DictReader(f)]  # fmt: skip
+    assert table == [
+        ("image2audio", "dog / bark", "2", "1", "0.5"),
+        ("image2audio", "cat / meow", "1", "1", "1.0"),
+        ("image2audio", "owl / hoot", "1", "1", "1.0"),
+        ("audio2image", "dog / bark", "2", "2", "1.0"),
+        ("audio2image", "cat / meow", "1", "0", "0.0"),
+        ("audio2image", "owl / hoot", "1", "1", "1.0"),
+    ]
+    _assert_png(tmp_path / "confusion.png", (400, 200))
 
 
 def test_generation_figure_writes_a_png(tmp_path):

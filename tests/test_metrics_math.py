@@ -14,6 +14,7 @@ from pipeline.metrics.math import (
     StatsFileError,
     accuracy,
     clip_score,
+    confusion_matrix,
     frechet_distance,
     frechet_distance_eig,
     inception_score,
@@ -319,3 +320,14 @@ def test_accuracy_and_topk_accuracy():
     assert topk_accuracy(logits, labels, 3) == 1.0
     with pytest.raises(ValueError):
         topk_accuracy(logits, labels, 4)
+
+
+def test_confusion_matrix_counts_true_rows_against_predicted_columns():
+    pred, true = np.array([0, 1, 2, 2, 0]), np.array([0, 1, 1, 2, 2])
+    m = confusion_matrix(pred, true, 4)
+    assert m.tolist() == [[1, 0, 0, 0], [0, 1, 1, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
+    assert np.trace(m) / m.sum() == accuracy(pred, true)
+    with pytest.raises(ValueError, match="outside"):
+        confusion_matrix(pred, true, 2)
+    with pytest.raises(ValueError):
+        confusion_matrix(pred, true[:3], 4)

@@ -364,6 +364,7 @@ def run_evaluate(
                 tracking_run.log_metrics({f"{task_name}/{key}/{k}": v for k, v in values.items()})
     vocoder = Vocoder.load(tokenizers_dir / "vocoder")
     write_examples(examples, test, ref, evaluator, vocoder, report_dir, cfg)
+    write_per_class(generated, ref, evaluator.labels, report_dir)
     io.write_json(report_dir / "metrics.json", metrics)
     return EvaluateSummary(metrics, report_dir, time.monotonic() - start)
 
@@ -428,6 +429,38 @@ def write_examples(
                 audio.save_wav(folder / f"pair-{r}.wav", vocoder(headline.examples[r]["mel"], seed=r),
                                vocoder.mel.sample_rate)  # fmt: skip
                 _save_png(folder / f"pair-{r}.png", headline.examples[r]["image"])
+
+
+PER_CLASS_COLUMNS = ("task", "setting", "label", "clips", "correct", "acc_local")
+
+
+def write_per_class(
+    generated: dict[tuple[str, str], Generated],
+    ref: Reference,
+    labels: list[str],
+    report_dir: Path,
+) -> None:
+    """Where the conditional tasks fail: `per_class.csv` (class accuracy of the generated sample
+    for each label of the conditioning clip, task and CFG scale) and `confusion.png` (one matrix
+    per task and scale; rows: the condition's label, columns: the evaluator's class)."""
+    from pipeline.evaluation.figures import confusion_figure
+    from pipeline.metrics.math import confusion_matrix
+
+    rows, matrices = [], {}
+    for (task_name, key), gen in generated.items():
+        out = {"image2audio": gen.audio, "audio2image": gen.image}.get(task_name)
+        if out is None:  # co-generation has no condition to be right about
+            continue
+        matrix = confusion_matrix(out.predicted, ref.labels[gen.rows], len(labels))
+        matrices[f"{task_name} {key}"] = matrix
+        for i, label in enumerate(labels):
+            clips, correct = int(matrix[i].sum()), int(matrix[i, i])
+            acc = round(correct / clips, 4) if clips else ""
+            rows.append(dict(zip(PER_CLASS_COLUMNS, (task_name, key, label, clips, correct, acc),
+                                 strict=True)))  # fmt: skip
+    if matrices:
+        io.write_csv(report_dir / "per_class.csv", rows, PER_CLASS_COLUMNS)
+        confusion_figure(matrices, labels, report_dir / "confusion.png")
 
 
 def _is_number(v: Any) -> bool:

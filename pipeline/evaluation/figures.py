@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,15 +34,37 @@ def evaluator_figure(
         ax.set_xlabel("epoch")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    short = [name.split(" / ")[0][:14] for name in labels]
     for ax, (name, matrix) in zip(axes[2:], confusion.items(), strict=True):
-        ax.imshow(matrix, cmap="Blues")
-        for (i, j), v in np.ndenumerate(matrix):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=6)
-        ax.set_xticks(range(len(short)), short, rotation=60, ha="right", fontsize=6)
-        ax.set_yticks(range(len(short)), short, fontsize=6)
-        ax.set_xlabel("predicted")
-        ax.set_title(f"test confusion: {name}", fontsize=9)
+        _confusion(ax, matrix, labels, f"test confusion: {name}")
+    audio.save_figure(fig, path)
+    return Path(path)
+
+
+def _confusion(ax: Any, matrix: np.ndarray, labels: Sequence[str], title: str) -> None:
+    """A confusion matrix (rows: true label, columns: predicted) with its counts written in."""
+    short = [name.split(" / ")[0][:14] for name in labels]
+    ax.imshow(matrix, cmap="Blues")
+    dark = matrix.max() / 2
+    for (i, j), v in np.ndenumerate(matrix):
+        colour = "white" if v > dark else "black"
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=6, color=colour)
+    ax.set_xticks(range(len(short)), short, rotation=60, ha="right", fontsize=6)
+    ax.set_yticks(range(len(short)), short, fontsize=6)
+    ax.set_xlabel("predicted")
+    ax.set_title(title, fontsize=9)
+
+
+def confusion_figure(
+    matrices: Mapping[str, np.ndarray], labels: Sequence[str], path: str | Path
+) -> Path:
+    """One confusion matrix per panel, titled with its key (e.g. "image2audio s3")."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.8 * max(1, len(matrices)), 4.2), dpi=100, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(matrices))))
+    for ax, (name, matrix) in zip(axes, matrices.items(), strict=False):
+        _confusion(ax, matrix, labels, name)
+        ax.set_ylabel("label of the condition", fontsize=8)
     audio.save_figure(fig, path)
     return Path(path)
 

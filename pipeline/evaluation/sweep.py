@@ -10,7 +10,6 @@ then writes the results table, the best setting and two charts: each metric agai
 
 from __future__ import annotations
 
-import csv
 import itertools
 import logging
 import time
@@ -175,10 +174,7 @@ def write_results(
 ) -> None:
     """results.csv and the two charts (guidance.png, grid.png)."""
     report_dir.mkdir(parents=True, exist_ok=True)
-    with io.atomic_path(report_dir / "results.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*AXES, *METRICS, "seconds"])
-        writer.writeheader()
-        writer.writerows(rows)
+    io.write_csv(report_dir / "results.csv", rows, [*AXES, *METRICS, "seconds"])
     guidance_figure(rows, report_dir / "guidance.png")
     s = gen.guidance if gen.guidance in cfg.guidance else max(cfg.guidance)
     grid_figure(rows, s, report_dir / "grid.png")

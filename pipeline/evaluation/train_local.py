@@ -291,7 +291,7 @@ def held_out_metrics(
     reconstructions when the tokenizers are given: the ceiling for generated samples); the
     CS-style score of matching and of shuffled pairs; image→audio retrieval top-1 among all
     test clips."""
-    from pipeline.metrics.math import accuracy, clip_score
+    from pipeline.metrics.math import accuracy, clip_score, confusion_matrix
 
     y = model.label_index(test.labels)
     if (y < 0).any():
@@ -308,8 +308,8 @@ def held_out_metrics(
     }
     k = len(model.labels)
     confusion = {
-        "audio": np.bincount(y * k + audio.predicted, minlength=k * k).reshape(k, k),
-        "image": np.bincount(y * k + image.predicted, minlength=k * k).reshape(k, k),
+        "audio": confusion_matrix(audio.predicted, y, k),
+        "image": confusion_matrix(image.predicted, y, k),
     }
     if tokenizers is not None:
         rec_audio = model.audio_outputs(reconstruct(tokenizers["audio"], test.mels))

@@ -325,6 +325,18 @@ def accuracy(pred_labels: ArrayLike, true_labels: ArrayLike) -> float:
     return float(np.mean(pred == true))
 
 
+def confusion_matrix(pred_labels: ArrayLike, true_labels: ArrayLike, classes: int) -> np.ndarray:
+    """(classes, classes) int64 counts: row = true label, column = predicted; labels (n,) in
+    [0, classes)."""
+    pred = np.asarray(pred_labels, dtype=np.int64)
+    true = np.asarray(true_labels, dtype=np.int64)
+    if pred.ndim != 1 or pred.shape != true.shape:
+        raise ValueError(f"labels (n,) expected, got {pred.shape} and {true.shape}")
+    if pred.size and (min(pred.min(), true.min()) < 0 or max(pred.max(), true.max()) >= classes):
+        raise ValueError(f"labels outside [0, {classes})")
+    return np.bincount(true * classes + pred, minlength=classes * classes).reshape(classes, classes)
+
+
 def topk_accuracy(logits: ArrayLike, labels: ArrayLike, k: int) -> float:
     """Fraction of rows whose true label is among the k highest logits (n, C).
 

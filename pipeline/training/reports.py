@@ -11,7 +11,6 @@ reports/train/
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import tempfile
@@ -136,11 +135,7 @@ def _parent(path: Path) -> Path:
 
 
 def _write_csv(path: Path, rows: list[dict[str, float]], columns: list[str]) -> None:
-    with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _fmt(row.get(k)) for k in columns})
+    io.write_csv(path, ({k: _fmt(row.get(k)) for k in columns} for row in rows), columns)
 
 
 def _fmt(value: Any) -> Any:
