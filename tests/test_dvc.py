@@ -158,6 +158,19 @@ def test_bench_dag_time_lists_each_stage_run(tiny_repo, capsys, monkeypatch):
     assert "not one `dvc repro` from scratch: download has no run" in out
 
 
+def test_bench_accuracy_spread_reproduces_evaluate_at_seed_0(tiny_repo):
+    """bench/accuracy_spread.py batches and seeds as evaluate does: its seed 0 gives the
+    acc_local of metrics.json, and it adds the other seeds' spread and a line per label."""
+    script = ROOT / "bench" / "accuracy_spread.py"
+    out = _run(tiny_repo, "python", str(script), "--seeds", "2", "--guidance", "3")
+    metrics = json.loads((tiny_repo / "reports/evaluate/metrics.json").read_text())
+    assert f"s=3 seed 0: acc_local {metrics['image2audio']['s3']['acc_local']:.1%}" in out
+    assert re.search(r"s=3 seed 1: acc_local [\d.]+%", out)
+    assert re.search(r"s=3: acc_local mean [\d.]+%, sd [\d.]+% over 2 seeds", out)
+    labels = json.loads((tiny_repo / "models/evaluator/meta.json").read_text())["labels"]
+    assert all(re.search(rf"^ +{re.escape(label[:40])} +\d+%$", out, re.M) for label in labels)
+
+
 def test_second_repro_runs_nothing(tiny_repo):
     before = {p: p.stat().st_mtime_ns for p in (tiny_repo / "data").rglob("*.parquet")}
     out = _run(tiny_repo, "dvc", "repro")

@@ -1,0 +1,75 @@
+"""How much of the demo's class accuracy is generation luck: image→audio for the test split,
+scored by the offline evaluator, under several generation seeds.
+
+    python bench/accuracy_spread.py [--seeds 3] [--guidance 3 1]
+
+Runs on what the DAG left (params.yaml's paths: transformer, tokenizers, evaluator, extract) with
+the settings under `generate:` and the evaluate stage's batching and seeding (batches of
+`generate.batch_size`, each seeded with its base seed + its first row), so seed 0 gives the
+`acc_local` that `evaluate` reported. Prints `acc_local` for each seed and CFG scale, their mean
+and standard deviation, and the accuracy per label of the condition, averaged over the seeds.
+The samples differ in floating point from CPU to CPU, so it prints the machine too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dag_time import machine  # noqa: E402
+
+from pipeline.config import load_params  # noqa: E402
+
+SEED_STRIDE = 1_000_003  # base seeds far apart: batch seeds (base + first row) never repeat
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, default=3, help="generation seeds (first: evaluate's)")
+    ap.add_argument("--guidance", type=float, nargs="+", help="CFG scales (default: evaluate's)")
+    args = ap.parse_args()
+
+    from pipeline.evaluation.evaluate import load_test_set
+    from pipeline.evaluation.local import LocalEvaluator
+    from pipeline.evaluation.scoring import reference
+    from pipeline.inference.generate import Generator
+    from pipeline.metrics.math import accuracy, confusion_matrix
+
+    params = load_params()
+    paths, gen_cfg = params.paths, params.generate
+    test = load_test_set(paths.extract, params.evaluate.max_clips)
+    evaluator = LocalEvaluator.load(paths.evaluator)
+    ref = reference(evaluator, test.labels, test.mels.astype(np.float32), test.frames)
+    generator = Generator(paths.transformer, paths.tokenizers, gen_cfg)
+    k, n, bs = len(evaluator.labels), len(test), gen_cfg.batch_size
+    print(f"{machine()}; {n} test clips, N={gen_cfg.steps}, T={gen_cfg.temperature:g}")
+    for s in args.guidance or params.evaluate.guidance:
+        accs, per_label = [], np.zeros(k)
+        for i in range(args.seeds):
+            base = params.base.seed + i * SEED_STRIDE
+            start = time.perf_counter()
+            mels = np.concatenate([
+                generator.run("image2audio", images=test.frames[row : row + bs],
+                              seed=base + row, vocode=False, guidance=s).mels
+                for row in range(0, n, bs)
+            ])  # fmt: skip
+            predicted = evaluator.audio_outputs(mels).predicted
+            accs.append(accuracy(predicted, ref.labels))
+            matrix = confusion_matrix(predicted, ref.labels, k)
+            per_label += matrix.diagonal() / np.maximum(matrix.sum(1), 1) / args.seeds
+            print(f"s={s:g} seed {i}: acc_local {accs[-1]:.1%} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+        sd = np.std(accs, ddof=1) if len(accs) > 1 else float("nan")
+        print(f"s={s:g}: acc_local mean {np.mean(accs):.1%}, sd {sd:.1%} over {len(accs)} seeds")
+        for label, acc in zip(evaluator.labels, per_label, strict=True):
+            print(f"    {label[:40]:40s} {acc:.0%}")
+
+
+if __name__ == "__main__":
+    main()
