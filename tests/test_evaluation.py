@@ -461,6 +461,9 @@ def test_write_per_class_breaks_accuracy_down_by_the_conditions_label(tmp_path):
         ("audio2image", "owl / hoot", "1", "1", "1.0"),
     ]
     _assert_png(tmp_path / "confusion.png", (400, 200))
+    # a rerun with co-generation only leaves no table or figure of the run before
+    write_per_class({("cogenerate", "free"): generated[("cogenerate", "free")]}, ref, [], tmp_path)
+    assert not (tmp_path / "per_class.csv").exists() and not (tmp_path / "confusion.png").exists()
 
 
 def test_generation_figure_writes_a_png(tmp_path):

@@ -458,9 +458,12 @@ def write_per_class(
             acc = round(correct / clips, 4) if clips else ""
             rows.append(dict(zip(PER_CLASS_COLUMNS, (task_name, key, label, clips, correct, acc),
                                  strict=True)))  # fmt: skip
-    if matrices:
-        io.write_csv(report_dir / "per_class.csv", rows, PER_CLASS_COLUMNS)
-        confusion_figure(matrices, labels, report_dir / "confusion.png")
+    if not matrices:  # no conditional task this time: leave no stale table or figure
+        for name in ("per_class.csv", "confusion.png"):
+            (report_dir / name).unlink(missing_ok=True)
+        return
+    io.write_csv(report_dir / "per_class.csv", rows, PER_CLASS_COLUMNS)
+    confusion_figure(matrices, labels, report_dir / "confusion.png")
 
 
 def _is_number(v: Any) -> bool:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.data import audio
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 
 def evaluator_figure(
@@ -40,7 +43,7 @@ def evaluator_figure(
     return Path(path)
 
 
-def _confusion(ax: Any, matrix: np.ndarray, labels: Sequence[str], title: str) -> None:
+def _confusion(ax: Axes, matrix: np.ndarray, labels: Sequence[str], title: str) -> None:
     """A confusion matrix (rows: true label, columns: predicted) with its counts written in."""
     short = [name.split(" / ")[0][:14] for name in labels]
     ax.imshow(matrix, cmap="Blues")
