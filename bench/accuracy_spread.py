@@ -35,39 +35,47 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, nargs="+", help="CFG scales (default: evaluate's)")
     args = ap.parse_args()
 
+    from pipeline.config import as_dict
     from pipeline.evaluation.evaluate import load_test_set
     from pipeline.evaluation.local import LocalEvaluator
-    from pipeline.evaluation.scoring import reference
-    from pipeline.inference.generate import Generator
+    from pipeline.inference.generate import GenerateBatch
     from pipeline.metrics.math import accuracy, confusion_matrix
 
     params = load_params()
     paths, gen_cfg = params.paths, params.generate
     test = load_test_set(paths.extract, params.evaluate.max_clips)
     evaluator = LocalEvaluator.load(paths.evaluator)
-    ref = reference(evaluator, test.labels, test.mels.astype(np.float32), test.frames)
-    generator = Generator(paths.transformer, paths.tokenizers, gen_cfg)
+    labels = evaluator.label_index(test.labels)
+    scales = [float(s) for s in args.guidance or params.evaluate.guidance]
+    runs = [("image2audio", s) for s in scales]
     k, n, bs = len(evaluator.labels), len(test), gen_cfg.batch_size
     print(f"{machine()}; {n} test clips, N={gen_cfg.steps}, T={gen_cfg.temperature:g}")
-    for s in args.guidance or params.evaluate.guidance:
-        accs, per_label = [], np.zeros(k)
-        for i in range(args.seeds):
-            base = params.base.seed + i * SEED_STRIDE
-            start = time.perf_counter()
-            mels = np.concatenate([
-                generator.run("image2audio", images=test.frames[row : row + bs],
-                              seed=base + row, vocode=False, guidance=s).mels
-                for row in range(0, n, bs)
-            ])  # fmt: skip
+    accs: dict[float, list[float]] = {s: [] for s in scales}
+    per_label = {s: np.zeros(k) for s in scales}
+    # evaluate's own actor class, so the batches are seeded as there (base seed + first row)
+    generate = GenerateBatch(paths.transformer, paths.tokenizers, as_dict(gen_cfg), runs,
+                             vocode=False)  # fmt: skip
+    for i in range(args.seeds):
+        generate.seed = params.base.seed + i * SEED_STRIDE
+        start = time.perf_counter()
+        batches = [generate({"image": test.frames[row : row + bs],
+                             "row": np.arange(row, min(row + bs, n))})
+                   for row in range(0, n, bs)]  # fmt: skip
+        for s in scales:
+            column = GenerateBatch.column("image2audio", s, "gen_mel")
+            mels = np.concatenate([b[column] for b in batches])
             predicted = evaluator.audio_outputs(mels).predicted
-            accs.append(accuracy(predicted, ref.labels))
-            matrix = confusion_matrix(predicted, ref.labels, k)
-            per_label += matrix.diagonal() / np.maximum(matrix.sum(1), 1) / args.seeds
-            print(f"s={s:g} seed {i}: acc_local {accs[-1]:.1%} "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
-        sd = np.std(accs, ddof=1) if len(accs) > 1 else float("nan")
-        print(f"s={s:g}: acc_local mean {np.mean(accs):.1%}, sd {sd:.1%} over {len(accs)} seeds")
-        for label, acc in zip(evaluator.labels, per_label, strict=True):
+            accs[s].append(accuracy(predicted, labels))
+            matrix = confusion_matrix(predicted, labels, k)
+            per_label[s] += matrix.diagonal() / np.maximum(matrix.sum(1), 1) / args.seeds
+            print(f"s={s:g} seed {i}: acc_local {accs[s][-1]:.1%}", flush=True)
+        print(f"  ({time.perf_counter() - start:.0f} s for seed {i})", flush=True)
+    for s in scales:
+        sd = np.std(accs[s], ddof=1) if args.seeds > 1 else float("nan")
+        print(
+            f"s={s:g}: acc_local mean {np.mean(accs[s]):.1%}, sd {sd:.1%} over {args.seeds} seeds"
+        )
+        for label, acc in zip(evaluator.labels, per_label[s], strict=True):
             print(f"    {label[:40]:40s} {acc:.0%}")
 
 
