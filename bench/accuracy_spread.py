@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dag_time import machine  # noqa: E402
+from machine import machine  # noqa: E402
 
 from pipeline.config import load_params  # noqa: E402
 

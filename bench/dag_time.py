@@ -16,8 +16,6 @@ Sweep trials are child runs with their own tag and are left out. Prints the mach
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -26,19 +24,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import machine  # noqa: E402
+
 from pipeline.config import load_params  # noqa: E402
 from pipeline.tracking import tracking_uri  # noqa: E402
-
-
-def machine() -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
-                 if ln.startswith("model name")]  # fmt: skip
-        model = names[0] if names else model
-    return f"{model}, {cores} CPU cores"
 
 
 def latest_runs(uri: str, experiment: str, stages: list[str]) -> dict[str, object]:

@@ -34,7 +34,6 @@ os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 import argparse  # noqa: E402
 import multiprocessing  # noqa: E402
-import platform  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
@@ -43,6 +42,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from machine import machine  # noqa: E402
 
 from pipeline.config import load_params  # noqa: E402
 from pipeline.tokenizers import batch_tokenize as bt  # noqa: E402
@@ -52,11 +52,9 @@ from pipeline.tokenizers.vqgan import IMAGENET_F16_1024, VGGSOUND_CODEBOOK, VQMo
 GPU_BATCH = 64
 
 
-def machine() -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+def device_line() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {cores} CPU cores, {gpu}, torch {torch.__version__}"
+    return f"{machine()}, {gpu}, torch {torch.__version__}"
 
 
 # ------------------------------------------------------------------------------------ data
@@ -278,7 +276,7 @@ def main() -> None:
     parser.add_argument("--save-gpu-inputs", action="store_true")
     args = parser.parse_args()
 
-    print(f"machine: {machine()}")
+    print(f"machine: {device_line()}")
     inputs = args.work / "gpu_inputs.npz"
     if not args.gpu_only:
         bench_pipeline(args.work, args)
