@@ -56,7 +56,7 @@ from pipeline.evaluation.train_local import (
     reconstruct,
     train_local_evaluator,
 )
-from pipeline.metrics.math import GaussianStats
+from pipeline.metrics.math import GaussianStats, confusion_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = load_params(ROOT / "params.yaml")
@@ -155,6 +155,32 @@ def test_trained_evaluator_beats_chance_on_held_out_clips(clips, trained):
     untrained = LocalEvaluator(model.labels, EVALUATOR.embed_dim, EVALUATOR.joint_dim)
     before, _ = held_out_metrics(untrained, test)
     assert before["audio_acc"] < BOUND and before["image_acc"] < BOUND, before
+
+
+class _ReversingCodec:
+    """A stand-in VQGAN whose "reconstruction" of a batch is the batch in reverse order."""
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        return ids[::-1]
+
+
+def test_codec_confusion_counts_the_predictions_on_the_reconstructions(clips, trained):
+    model, test = trained[0], clips[1]
+    metrics, confusion = held_out_metrics(
+        model, test, {"audio": _ReversingCodec(), "image": _ReversingCodec()}
+    )
+    y = model.label_index(test.labels)
+    k = len(model.labels)
+    for part, outputs in (("audio", model.audio_outputs), ("image", model.image_outputs)):
+        x = test.mels if part == "audio" else test.frames[:, eval_frame(NUM_FRAMES)]
+        expected = confusion_matrix(outputs(x[::-1]).predicted, y, k)
+        np.testing.assert_array_equal(confusion[f"{part} codec"], expected)
+        assert np.trace(expected) / len(test) == pytest.approx(metrics[f"{part}_acc_codec"])
+        # Reversed, the clips sit against other classes' labels: the codec view must differ.
+        assert not np.array_equal(expected, confusion[part])
 
 
 def test_few_step_training_leaves_usable_batchnorm_statistics(clips):

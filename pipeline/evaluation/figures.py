@@ -24,7 +24,7 @@ def evaluator_figure(
     """Training loss/accuracy per part (left) and the test confusion matrices (right)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 4), dpi=100, layout="constrained")
+    fig = Figure(figsize=(3.25 * (2 + len(confusion)), 4), dpi=100, layout="constrained")
     axes = fig.subplots(1, 2 + len(confusion))
     for part in dict.fromkeys(r["part"] for r in history):
         rows = [r for r in history if r["part"] == part]

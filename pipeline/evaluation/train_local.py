@@ -288,9 +288,10 @@ def held_out_metrics(
     """How well the evaluator does on the held-out split, and its confusion matrices.
 
     Classifier accuracy on real test mels and on the middle frame (and on their VQGAN
-    reconstructions when the tokenizers are given: the ceiling for generated samples); the
-    CS-style score of matching and of shuffled pairs; image→audio retrieval top-1 among all
-    test clips."""
+    reconstructions when the tokenizers are given: the ceiling for generated samples), with a
+    confusion matrix for each (keys "audio", "image", "audio codec", "image codec"); the
+    CS-style score of matching and of shuffled pairs; image→audio retrieval top-1 among all test
+    clips."""
     from pipeline.metrics.math import accuracy, clip_score, confusion_matrix
 
     y = model.label_index(test.labels)
@@ -316,4 +317,8 @@ def held_out_metrics(
         rec_image = model.image_outputs(reconstruct(tokenizers["image"], frames))
         metrics["audio_acc_codec"] = accuracy(rec_audio.predicted, y)
         metrics["image_acc_codec"] = accuracy(rec_image.predicted, y)
+        # Which classes the codec loses is what generation inherits (e.g. two orange-ish
+        # objects that the demo's image VQGAN blurs into one blob).
+        confusion["audio codec"] = confusion_matrix(rec_audio.predicted, y, k)
+        confusion["image codec"] = confusion_matrix(rec_image.predicted, y, k)
     return metrics, confusion
