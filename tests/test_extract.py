@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -145,6 +146,28 @@ def test_decode_returns_mono_audio_at_the_mel_rate(tmp_path: Path) -> None:
     assert dec.audio.dtype == np.float32 and dec.audio.shape == (220_500,)  # cut at 10 s
     spectrum = np.abs(np.fft.rfft(dec.audio[:22050]))
     assert np.argmax(spectrum) == pytest.approx(1000, abs=2)  # 1 Hz bins at 22,050 Hz
+
+
+def test_the_audio_sink_has_no_name_on_disk_while_ffmpeg_runs(tmp_path, monkeypatch) -> None:
+    """A stage killed mid-decode (SIGKILL skips every `finally`) must leave no temporary file:
+    the float32 sink is unlinked before ffmpeg starts and reached through its descriptor."""
+    path = tmp_path / "clip" / "a.mp4"
+    path.parent.mkdir()
+    lavfi_clip(path, seconds=3.0, sound="sine=frequency=1000:sample_rate=44100")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    seen: list[list[str]] = []
+
+    def command(audio_path: Path | None) -> list[str]:
+        seen.append(sorted(p.name for p in scratch.iterdir()))
+        return extract.ffmpeg_command(path, CFG, 3.0, audio_path)
+
+    run = extract.run_ffmpeg(command, path, CFG.image_size, sound=True, on_timeout=RuntimeError)
+    assert seen == [[]], f"named temporaries while ffmpeg ran: {seen}"
+    assert run.returncode == 0 and run.wave.shape == (3 * CFG.sample_rate,)
+    assert np.argmax(np.abs(np.fft.rfft(run.wave[: CFG.sample_rate]))) == pytest.approx(1000, abs=2)
+    assert not list(scratch.iterdir())
 
 
 def test_untrusted_names_never_read_as_options(tmp_path: Path) -> None:

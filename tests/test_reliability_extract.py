@@ -142,11 +142,14 @@ def test_sigkill_mid_stage_then_rerun_is_byte_identical(tmp_path, stage_project)
     out = stage_project.root / "data" / "extract"
     cache = stage_project.root / "data" / ".cache" / "extract"
     chunks = lambda: list(cache.rglob("chunk-*.parquet"))  # noqa: E731
-    proc = stage_project.start("extract")
+    scratch = tmp_path / "tmp"  # the stage's TMPDIR: ffmpeg's audio sink must leave nothing
+    scratch.mkdir()
+    proc = stage_project.start("extract", TMPDIR=str(scratch))
     stage_project.wait_for(proc, lambda: len(chunks()) >= 1)
     stage_project.stop(proc, signal.SIGKILL)
     done = len(chunks())
     assert 1 <= done < 3 and not out.exists()  # never half-written: no output at all yet
+    assert not list(scratch.iterdir())
     for chunk in chunks():  # a finished chunk is whole (written under a temporary name)
         assert pq.read_table(chunk).num_rows == 2
 

@@ -15,11 +15,11 @@ Shard columns: `frames` is a list of `num_frames` JPEG images (image_size² RGB,
 
 One ffmpeg process per clip decodes once: `fps=N/D` (D = min(duration, clip_seconds)) keeps the
 last frame before the centre of each of N equal segments, then scale on the short side + centre
-crop, raw RGB to stdout; the same process writes mono f32le audio at `sample_rate` to a temporary
-file. The header (duration, streams, size) is read from that same run's log instead of a separate
-`ffmpeg -i` probe, which would cost a second process start (~20-30 ms, a third of a small clip's
-decode): the run assumes D = clip_seconds, and a clip whose header says it is shorter is decoded
-once more with its own D.
+crop, raw RGB to stdout; the same process writes mono f32le audio at `sample_rate` to an unnamed
+temporary file. The header (duration, streams, size) is read from that same run's log instead of a
+separate `ffmpeg -i` probe, which would cost a second process start (~20-30 ms, a third of a small
+clip's decode): the run assumes D = clip_seconds, and a clip whose header says it is shorter is
+decoded once more with its own D.
 
 Failure reasons (`REASONS`); a failed clip never stops the stage:
     unreadable   empty, not media, truncated (both streams stop well before the header's duration),
@@ -59,6 +59,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -285,24 +286,23 @@ def run_ffmpeg(
     on_timeout: Callable[[], Exception],
 ) -> FfmpegRun:
     """Run `command(audio_path)` on `path`: raw RGB frames come on stdout, the wave (with `sound`)
-    through a temporary float32 file that is always removed. A run over DECODE_TIMEOUT_S raises
-    `on_timeout()`; any other failure is in the returned run."""
-    audio_path = None
-    if sound:
-        fd, tmp = tempfile.mkstemp(prefix="ffmpeg-", suffix=".f32")
-        os.close(fd)
-        audio_path = Path(tmp)
-    try:
+    through a temporary float32 file. A run over DECODE_TIMEOUT_S raises `on_timeout()`; any
+    other failure is in the returned run.
+
+    The file is unlinked from the start (`tempfile.TemporaryFile`) and ffmpeg writes it through
+    `/dev/fd/N`, so nothing is left on disk even when this process is killed mid-decode."""
+    with (
+        tempfile.TemporaryFile(prefix="ffmpeg-", suffix=".f32") if sound else nullcontext() as sink
+    ):
+        fds = (sink.fileno(),) if sink is not None else ()
+        audio_path = Path(f"/dev/fd/{fds[0]}") if fds else None
         try:
             proc = subprocess.run(
-                command(audio_path), capture_output=True, timeout=DECODE_TIMEOUT_S
+                command(audio_path), capture_output=True, timeout=DECODE_TIMEOUT_S, pass_fds=fds
             )
         except subprocess.TimeoutExpired:
             raise on_timeout() from None
-        wave = np.fromfile(audio_path, dtype="<f4") if audio_path is not None else None
-    finally:
-        if audio_path is not None:
-            audio_path.unlink(missing_ok=True)
+        wave = np.fromfile(sink, dtype="<f4") if sink is not None else None
     frame = image_size * image_size * 3
     usable = len(proc.stdout) // frame * frame
     frames = np.frombuffer(proc.stdout[:usable], np.uint8).reshape(-1, image_size, image_size, 3)
