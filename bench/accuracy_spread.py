@@ -22,8 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from machine import machine  # noqa: E402
-
+from bench.machine import machine  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 
 SEED_STRIDE = 1_000_003  # base seeds far apart: batch seeds (base + first row) never repeat

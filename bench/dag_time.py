@@ -24,8 +24,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from machine import machine  # noqa: E402
-
+from bench.machine import machine  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.tracking import tracking_uri  # noqa: E402
 

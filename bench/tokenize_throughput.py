@@ -42,8 +42,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from machine import machine  # noqa: E402
 
+from bench.machine import machine  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.tokenizers import batch_tokenize as bt  # noqa: E402
 from pipeline.tokenizers.tokenizer import InputSpec, Tokenizer, vqgan_config  # noqa: E402
