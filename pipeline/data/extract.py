@@ -302,7 +302,11 @@ def run_ffmpeg(
             )
         except subprocess.TimeoutExpired:
             raise on_timeout() from None
-        wave = np.fromfile(sink, dtype="<f4") if sink is not None else None
+        wave = None
+        if sink is not None:
+            # Where /dev/fd/N shares this descriptor's offset (macOS), ffmpeg left it at the end.
+            sink.seek(0)
+            wave = np.fromfile(sink, dtype="<f4")
     frame = image_size * image_size * 3
     usable = len(proc.stdout) // frame * frame
     frames = np.frombuffer(proc.stdout[:usable], np.uint8).reshape(-1, image_size, image_size, 3)
