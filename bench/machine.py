@@ -8,9 +8,10 @@ generation they mean where known, and whether AVX-512 is there (PyTorch's CPU ke
 
 from __future__ import annotations
 
-import os
 import platform
 from pathlib import Path
+
+from pipeline.devices import usable_cores
 
 # AMD family -> ((first model, generation), ...) by ascending first model; from AMD's
 # processor programming references (family 17h: Zen / Zen+ / Zen 2, 19h: Zen 3 / Zen 4,
@@ -59,10 +60,9 @@ def cpu_description(fields: dict[str, str]) -> str:
 
 def machine() -> str:
     """The CPU (with its generation) and how many cores this process may use."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cpuinfo = Path("/proc/cpuinfo")
     fields = cpuinfo_fields(cpuinfo.read_text()) if cpuinfo.is_file() else {}
-    return f"{cpu_description(fields)}, {cores} CPU cores"
+    return f"{cpu_description(fields)}, {usable_cores()} CPU cores"
 
 
 if __name__ == "__main__":
