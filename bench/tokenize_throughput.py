@@ -45,6 +45,8 @@ import torch  # noqa: E402
 
 from bench.machine import machine  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
+from pipeline.data import extract, tokens  # noqa: E402
+from pipeline.ray_runtime import ray_session  # noqa: E402
 from pipeline.tokenizers import batch_tokenize as bt  # noqa: E402
 from pipeline.tokenizers.tokenizer import InputSpec, Tokenizer, vqgan_config  # noqa: E402
 from pipeline.tokenizers.vqgan import IMAGENET_F16_1024, VGGSOUND_CODEBOOK, VQModel  # noqa: E402
@@ -156,9 +158,9 @@ def bench_pipeline(work: Path, args: argparse.Namespace) -> None:
     )
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     clips, plain_s, ray_s, job_s, same = {}, {}, {}, {}, {}
-    with bt.ray_session() as startup_s:
+    with ray_session() as startup_s:
         for name, (extract_dir, tok) in sets.items():
-            meta = bt.extract.load_meta(extract_dir)
+            meta = extract.load_meta(extract_dir)
             clips[name] = sum(meta["counts"].values())
             out = work / f"tokens-{name}"
             plain_s[name], ray_s[name], job_s[name] = [], [], []
@@ -176,7 +178,7 @@ def bench_pipeline(work: Path, args: argparse.Namespace) -> None:
                 np.array_equal(ex.image_ids, plain[ex.clip_id][0])
                 and np.array_equal(ex.audio_ids, plain[ex.clip_id][1])
                 for split in meta["counts"]
-                for ex in bt.iter_tokens(out, split)
+                for ex in tokens.iter_tokens(out, split)
             )
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"Ray start-up (not counted): {startup_s:.1f} s")

@@ -3,11 +3,21 @@
 `load_params()` is the only reader of params.yaml. Every section becomes a frozen dataclass whose
 fields carry their own documentation; an unknown key, a missing key or a value out of range fails
 with one sentence that names the dotted key (`ConfigError`).
+
+With `VISUAL_ECHOES_PARAM_READS` set to a folder, `load_params()` returns recording copies of the
+sections (subclasses, so isinstance, `dataclasses.asdict` and `replace` behave as usual): every
+leaf value the process reads is noted by its dotted key and written to
+`<folder>/<entry>-<pid>.txt` at exit (`<entry>`: the script's name, e.g. `sweep` for
+`python -m stages.sweep`). A section pickled to another process (Ray workers) counts as read
+whole. The tests compare these keys with what dvc.yaml declares for each stage.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +29,7 @@ import yaml
 from pipeline.errors import PipelineError
 
 PARAMS_FILE = "params.yaml"
+PARAM_READS_ENV = "VISUAL_ECHOES_PARAM_READS"
 
 
 class ConfigError(PipelineError, ValueError):
@@ -710,7 +721,9 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raise ConfigError(f"{path}: file not found") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
-    return parse_params(data)
+    params = parse_params(data)
+    folder = os.environ.get(PARAM_READS_ENV)
+    return _recording(params, "", _reads_sink(folder)) if folder else params
 
 
 def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
@@ -727,3 +740,84 @@ def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
 def as_dict(section: Any) -> dict[str, Any]:
     """A config section as a plain nested dict (for logging params)."""
     return dataclasses.asdict(section)
+
+
+# ------------------------------------------------------------------------------- param reads
+
+
+def _reads_sink(folder: str) -> set[str]:
+    """The set this process notes its reads in, written to `folder` at exit (made once)."""
+    global _READS
+    if _READS is None:
+        _READS = set()
+        entry = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "python"
+        out = Path(folder) / f"{entry}-{os.getpid()}.txt"
+
+        def write() -> None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text("".join(f"{key}\n" for key in sorted(_READS or ())))
+
+        atexit.register(write)
+    return _READS
+
+
+_READS: set[str] | None = None
+_RECORDING: dict[type, type] = {}
+
+
+def _recording(section: Any, key: str, sink: set[str]) -> Any:
+    """A recording copy of a config dataclass (and of the sections inside it)."""
+    cls = type(section)
+    if cls not in _RECORDING:
+        _RECORDING[cls] = type(cls.__name__, (cls,), {
+            "__getattribute__": _recorded_getattribute,
+            "__reduce_ex__": _recorded_reduce,
+            "__eq__": _recorded_eq,
+            "__hash__": cls.__hash__,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+        })  # fmt: skip
+    copy = object.__new__(_RECORDING[cls])
+    for f in dataclasses.fields(cls):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            value = _recording(value, _join(key, f.name), sink)
+        object.__setattr__(copy, f.name, value)
+    object.__setattr__(copy, "_record", (key, sink))
+    return copy
+
+
+def _recorded_getattribute(self: Any, name: str) -> Any:
+    value = object.__getattribute__(self, name)
+    fields = object.__getattribute__(self, "__dataclass_fields__")
+    if name in fields and not dataclasses.is_dataclass(value):
+        # A copy made by dataclasses.replace has no key: replace read every field already.
+        record = object.__getattribute__(self, "__dict__").get("_record")
+        if record is not None:
+            key, sink = record
+            sink.add(_join(key, name))
+    return value
+
+
+def _recorded_reduce(self: Any, protocol: int) -> Any:
+    """Pickle as the plain dataclass (the receiving process records nothing): every field counts
+    as read."""
+    base = type(self).__mro__[1]
+    return (_plain, (base, {f.name: getattr(self, f.name) for f in dataclasses.fields(base)}))
+
+
+def _recorded_eq(self: Any, other: Any) -> bool:
+    """Equal to the plain section with the same values, as to another recording copy."""
+    base = type(self).__mro__[1]
+    if not isinstance(other, base):
+        return NotImplemented
+    return all(getattr(self, f.name) == getattr(other, f.name) for f in dataclasses.fields(base))
+
+
+def _plain(cls: type, values: dict[str, Any]) -> Any:
+    """`cls` with these field values, as pickled by `_recorded_reduce` (no __post_init__ rerun:
+    they were checked when params.yaml was read)."""
+    obj = object.__new__(cls)
+    for name, value in values.items():
+        object.__setattr__(obj, name, value)
+    return obj

@@ -15,7 +15,16 @@ def main() -> str:
     params = load_params()
     report = Path(params.paths.reports) / "sweep"
     with tracking.stage_run("sweep", params.base.experiment, as_dict(params.sweep), report) as run:
-        summary = run_sweep(params, report, run.run_id, tracking.tracking_uri())
+        summary = run_sweep(
+            params.sweep,
+            params.generate,
+            params.paths,
+            seed=params.base.seed,
+            report_dir=report,
+            experiment=params.base.experiment,
+            parent_run_id=run.run_id,
+            tracking_uri=tracking.tracking_uri(),
+        )
         run.log_metrics({f"best_{summary.best['metric']}": summary.best["value"]})
         run.log_params({f"best_{k}": summary.best[k] for k in ("temperature", "steps", "guidance")})
         for name in ("results.csv", "best.json", "guidance.png", "grid.png"):

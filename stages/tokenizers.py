@@ -6,7 +6,7 @@ from pathlib import Path
 from pipeline import io, tracking
 from pipeline.config import as_dict, load_params
 from pipeline.stage import stage_main
-from pipeline.tokenizers.build import build_tokenizers
+from pipeline.tokenizers.build import run_tokenizers
 
 
 def main() -> str:
@@ -15,9 +15,8 @@ def main() -> str:
     with tracking.stage_run(
         "tokenizers", params.base.experiment, as_dict(params.tokenizers), report
     ) as run:
-        summary = build_tokenizers(
+        summary = run_tokenizers(
             params.tokenizers,
-            params.extract,
             Path(params.paths.extract),
             out,
             report,

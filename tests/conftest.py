@@ -234,7 +234,8 @@ def write_token_dir(
     import pyarrow as pa
 
     from pipeline import io
-    from pipeline.tokenizers.batch_tokenize import META_NAME, _compact, _scratch_table
+    from pipeline.data.tokens import META_NAME
+    from pipeline.tokenizers.batch_tokenize import _compact, _scratch_table
     from pipeline.tokenizers.layout import ModalityLayout, TokenLayout
 
     per_class = per_class or {"train": 8, "test": 2}
@@ -298,12 +299,13 @@ def make_token_dir():
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_in(repo: Path, *args: str, check: bool = True) -> str:
-    """Run a command in `repo` with this venv's executables first on PATH; stdout + stderr."""
+def run_in(repo: Path, *args: str, check: bool = True, env: dict[str, str] | None = None) -> str:
+    """Run a command in `repo` with this venv's executables first on PATH (and `env` added);
+    stdout + stderr."""
     import os
     import sys
 
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
@@ -313,10 +315,19 @@ def run_in(repo: Path, *args: str, check: bool = True) -> str:
 
 
 class Upstream(NamedTuple):
-    """A tiny project on which `dvc repro tokenizers` has run, and what that printed."""
+    """A tiny project on which `dvc repro tokenizers` has run, and what that printed. `reads`:
+    the folder where its stages noted the params they read (`pipeline.config`); pass `reads_env`
+    to the repro that runs the rest of the DAG, so that it notes them there too."""
 
     repo: Path
     log: str
+    reads: Path
+
+    @property
+    def reads_env(self) -> dict[str, str]:
+        from pipeline.config import PARAM_READS_ENV
+
+        return {PARAM_READS_ENV: str(self.reads)}
 
 
 UPSTREAM_STAGES = ("download", "extract", "tokenizers")
@@ -328,7 +339,10 @@ def tiny_upstream(tmp_path_factory) -> Upstream:
     tokenizers`: the clips, the extracted data and the tokenizers every later stage starts from.
     Built once for the session; tests never change it, they take a `copy_repo` of it."""
     repo = new_tiny_repo(tmp_path_factory.mktemp("upstream") / "repo")
-    return Upstream(repo, run_in(repo, "dvc", "repro", UPSTREAM_STAGES[-1]))
+    reads = tmp_path_factory.mktemp("param-reads")
+    upstream = Upstream(repo, "", reads)
+    log = run_in(repo, "dvc", "repro", UPSTREAM_STAGES[-1], env=upstream.reads_env)
+    return upstream._replace(log=log)
 
 
 def new_tiny_repo(repo: Path) -> Path:

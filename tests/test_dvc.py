@@ -51,7 +51,7 @@ def _restore(repo: Path, text: str, stage: str) -> None:
 
 def test_repro_runs_the_whole_dag(tiny_upstream, tiny_repo):
     assert _ran(tiny_upstream.log) == list(UPSTREAM_STAGES) == list(STAGES[:3])
-    out = _run(tiny_repo, "dvc", "repro")
+    out = run_in(tiny_repo, "dvc", "repro", env=tiny_upstream.reads_env)
     assert _ran(out) == list(STAGES[3:])
     manifest = pq.read_table(tiny_repo / "data/clips/manifest.parquet").to_pylist()
     assert len(manifest) == 12 and {r["status"] for r in manifest} == {"ok"}
@@ -171,6 +171,40 @@ def test_bench_accuracy_spread_reproduces_evaluate_at_seed_0(tiny_repo):
     assert all(re.search(rf"^ +{re.escape(label[:40])} +\d+%$", out, re.M) for label in labels)
 
 
+# Read by every stage but no input of any: where the runs are logged, and resumable scratch.
+UNDECLARED = {"base.experiment", "paths.cache"}
+
+
+def _covers(declared: str, key: str) -> bool:
+    return key == declared or key.startswith(declared + ".")
+
+
+def test_every_stage_reads_exactly_the_params_it_declares(tiny_upstream, tiny_repo):
+    """What each stage process read of params.yaml in the whole repro (`pipeline.config` notes
+    it) against dvc.yaml: a read param left undeclared leaves the stage stale when it changes;
+    a declared one never read reruns the stage for nothing. Paths count as declared where the
+    stage names them in its deps, outs, metrics or plots."""
+    import yaml
+
+    spec = yaml.safe_load((tiny_repo / "dvc.yaml").read_text())["stages"]
+    text = (tiny_repo / "dvc.yaml").read_text()
+    assert sorted(p.name.rsplit("-", 1)[0] for p in tiny_upstream.reads.glob("*.txt")) == sorted(
+        STAGES
+    )
+    for path in sorted(tiny_upstream.reads.glob("*.txt")):
+        stage = path.name.rsplit("-", 1)[0]
+        reads = set(path.read_text().split()) - UNDECLARED
+        block = text[text.index(f"\n  {stage}:\n") :].split("\n\n", 1)[0]
+        for key in sorted(k for k in reads if k.startswith("paths.")):
+            assert f"${{{key}}}" in block, f"{stage} reads {key} but does not name ${{{key}}}"
+        declared = spec[stage].get("params", [])
+        reads = {k for k in reads if not k.startswith("paths.")}
+        undeclared = sorted(k for k in reads if not any(_covers(d, k) for d in declared))
+        assert not undeclared, f"stage {stage} reads {undeclared} but dvc.yaml does not declare them"
+        unread = sorted(d for d in declared if not any(_covers(d, k) for k in reads))
+        assert not unread, f"stage {stage} declares {unread} but never reads them"
+
+
 def test_second_repro_runs_nothing(tiny_repo):
     before = {p: p.stat().st_mtime_ns for p in (tiny_repo / "data").rglob("*.parquet")}
     out = _run(tiny_repo, "dvc", "repro")
@@ -216,6 +250,30 @@ def test_changing_a_tokenize_param_reruns_tokenize_and_stales_train(tiny_repo):
     assert stale == ["train"]
     _restore(tiny_repo, text, "tokenize")
     assert pq.read_table(tiny_repo / "data/tokens/train/part-00000.parquet").num_rows == 5
+
+
+def _stale(repo: Path) -> list[str]:
+    return re.findall(r"^(\w+):$", _run(repo, "dvc", "status"), flags=re.M)
+
+
+@pytest.mark.parametrize(
+    ("module", "stale"),
+    [
+        ("pipeline/tokenizers/batch_tokenize.py", ["tokenize"]),
+        ("pipeline/data/tokens.py", ["tokenize", "train", "evaluator", "sweep", "evaluate"]),
+    ],
+)
+def test_editing_a_module_stales_only_the_stages_that_import_it(tiny_repo, module, stale):
+    """The tokenize job is its own module: editing it stales tokenize alone (train then reruns
+    only if the ids change), while the token readers every later stage imports stale them all."""
+    path = tiny_repo / module
+    text = path.read_text()
+    path.write_text(text + "\n# an edit\n")
+    try:
+        assert sorted(_stale(tiny_repo)) == sorted(stale)
+    finally:
+        path.write_text(text)
+    assert _stale(tiny_repo) == []
 
 
 def test_changing_an_extract_param_reruns_extract_and_stales_what_follows(tiny_repo):

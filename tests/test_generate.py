@@ -184,7 +184,7 @@ def test_ray_data_generation_matches_the_generator(repo):
     from pipeline.config import load_params
     from pipeline.data.extract import iter_examples
     from pipeline.inference.generate import GenerateBatch, Generator
-    from pipeline.tokenizers.batch_tokenize import ray_session
+    from pipeline.ray_runtime import ray_session
 
     cfg = load_params(repo / "params.yaml").generate
     cfg_dict = {**cfg.__dict__, "steps": 3, "device": "cpu"}

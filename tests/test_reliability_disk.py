@@ -190,7 +190,7 @@ def test_a_training_checkpoint_cut_by_a_full_disk_leaves_the_previous_one(
 ):
     import dataclasses
 
-    from pipeline.tokenizers.batch_tokenize import load_token_meta
+    from pipeline.data.tokens import load_token_meta
     from pipeline.training import loop
 
     params = load_params(ROOT / "params.yaml")

@@ -252,7 +252,7 @@ def test_local_ray_and_mlflow_listen_on_localhost_only(monkeypatch):
     import ray
     from mlflow.cli import cli
 
-    from pipeline.tokenizers.batch_tokenize import ray_session
+    from pipeline.ray_runtime import ray_session
 
     started = {}
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -322,8 +322,8 @@ def test_no_credential_reaches_mlflow_a_manifest_or_a_log(
 def test_a_storage_password_does_not_travel_with_the_exported_weights(tmp_path, make_token_dir):
     import dataclasses
 
+    from pipeline.data.tokens import load_token_meta
     from pipeline.profiles import load_profile
-    from pipeline.tokenizers.batch_tokenize import load_token_meta
     from pipeline.training import loop, reports
 
     params = load_profile(ROOT / "profiles/tiny.yaml", ROOT / "params.yaml")

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from pipeline.config import load_params
+from pipeline.data.tokens import load_token_meta
 from pipeline.models.saved import load_transformer
 from pipeline.profiles import load_profile
-from pipeline.tokenizers.batch_tokenize import load_token_meta
 from pipeline.training.loop import FolderEnvironment, TrainError, TrainJob, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def _train_workers() -> list:
 def test_a_killed_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(
     tokens, tmp_path, monkeypatch
 ):
-    from pipeline.tokenizers.batch_tokenize import ray_session
+    from pipeline.ray_runtime import ray_session
     from pipeline.training.ray_train import run_train
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local instance of this test's own

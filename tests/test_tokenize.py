@@ -19,9 +19,10 @@ import torch
 
 from pipeline import io
 from pipeline.config import ExtractConfig, SyntheticConfig, TokenizeConfig
-from pipeline.data import extract
+from pipeline.data import extract, tokens
 from pipeline.data.manifest import write_manifest
 from pipeline.data.synthetic import generate_dataset
+from pipeline.ray_runtime import ClusterError, ray_session
 from pipeline.tokenizers import batch_tokenize as bt
 from pipeline.tokenizers.layout import TokenLayout
 from pipeline.tokenizers.tokenizer import InputSpec, Tokenizer
@@ -74,7 +75,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def ray_up():
-    with bt.ray_session():
+    with ray_session():
         yield
 
 
@@ -99,7 +100,7 @@ def test_ray_output_equals_plain_loop(data, run):
     plain = bt.tokenize_plain(data["extract"], data["tok"], "fp32", batch_size=7)
     got = {}
     for split in ("train", "test"):
-        for ex in bt.iter_tokens(out, split):
+        for ex in tokens.iter_tokens(out, split):
             got[ex.clip_id] = (ex.image_ids, ex.audio_ids)
     assert sorted(got) == sorted(plain) and len(got) == 12
     for clip_id, (image, audio) in plain.items():
@@ -138,7 +139,7 @@ def test_second_run_is_byte_identical_and_replaces_stale_files(data, run, tmp_pa
 
 def test_meta_round_trips_the_layout(data, run):
     out, summary = run
-    layout, meta = bt.load_token_meta(out)
+    layout, meta = tokens.load_token_meta(out)
     image = Tokenizer.load(data["tok"] / "image")
     audio = Tokenizer.load(data["tok"] / "audio")
     assert layout == TokenLayout(audio=audio.layout(), image=image.layout())
@@ -163,9 +164,9 @@ def test_meta_round_trips_the_layout(data, run):
 
 def test_ids_are_codes_of_their_codebook(run):
     out, _ = run
-    layout, _ = bt.load_token_meta(out)
+    layout, _ = tokens.load_token_meta(out)
     for split in ("train", "test"):
-        arrays = bt.read_split(out, split)
+        arrays = tokens.read_split(out, split)
         assert arrays.image_ids.dtype == arrays.audio_ids.dtype == np.uint16
         assert arrays.image_ids.max() < layout.image.codebook_size
         assert arrays.audio_ids.max() < layout.audio.codebook_size
@@ -175,7 +176,7 @@ def test_ids_are_codes_of_their_codebook(run):
 
 def test_files_are_plain_arrow_sorted_and_sized(run):
     out, _ = run
-    _, meta = bt.load_token_meta(out)
+    _, meta = tokens.load_token_meta(out)
     for split, rows in (("train", [3, 3, 2]), ("test", [3, 1])):
         entries = meta["files"][split]
         assert [e["path"] for e in entries] == [
@@ -200,8 +201,8 @@ def test_files_are_plain_arrow_sorted_and_sized(run):
 def test_compaction_gives_the_same_bytes_for_any_row_order(run, tmp_path):
     """Ray returns rows in no fixed order; the compacted files must not depend on it."""
     out, _ = run
-    layout, meta = bt.load_token_meta(out)
-    parts = {split: bt.read_split(out, split) for split in ("train", "test")}
+    layout, meta = tokens.load_token_meta(out)
+    parts = {split: tokens.read_split(out, split) for split in ("train", "test")}
     batch = {
         "clip_id": np.array([c for p in parts.values() for c in p.clip_ids], dtype=object),
         "label": np.array([lab for p in parts.values() for lab in p.labels], dtype=object),
@@ -251,7 +252,7 @@ def test_more_gpus_than_the_cluster_has_fails_fast(data, ray_up):
     worker.start()
     worker.join(timeout=30)
     assert not worker.is_alive(), "run_tokenize waited for a GPU instead of failing"
-    assert isinstance(result[0], bt.TokenizeError), result[0]
+    assert isinstance(result[0], ClusterError), result[0]
     assert f"{have + 1} GPU(s) but the Ray cluster has {have}" in str(result[0])
     assert not out.exists()
 

@@ -11,10 +11,10 @@ import torch
 
 from pipeline.config import load_params
 from pipeline.data.token_dataset import StepSampler, TokenSplit, eval_frame
+from pipeline.data.tokens import load_token_meta
 from pipeline.devices import choose_precision
 from pipeline.errors import PipelineError
 from pipeline.models.transformer import AudioVisualTransformer
-from pipeline.tokenizers.batch_tokenize import load_token_meta
 from pipeline.training.loop import FolderEnvironment, TrainError, TrainJob, run_training
 from pipeline.training.optim import lr_factor, param_groups, peak_lr
 

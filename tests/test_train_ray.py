@@ -24,7 +24,7 @@ MODEL = load_profile(ROOT / "profiles/tiny.yaml", ROOT / "params.yaml").model
 
 @pytest.fixture(scope="module")
 def ray_up():
-    from pipeline.tokenizers.batch_tokenize import ray_session
+    from pipeline.ray_runtime import ray_session
 
     with ray_session():
         yield

@@ -767,6 +767,27 @@ def load_meta(out_dir: Path) -> dict[str, Any]:
     return io.read_json(Path(out_dir) / META_NAME)
 
 
+def settings(meta: dict[str, Any]) -> ExtractConfig:
+    """The extract settings the data of this meta.json was made with (`workers`, which does not
+    change the data, is 0). Later stages size themselves from this, not from params.yaml."""
+    mel = meta["mel"]
+    return ExtractConfig(
+        num_frames=int(meta["num_frames"]),
+        image_size=int(meta["image_size"]),
+        jpeg_quality=int(meta["frames"]["quality"]),
+        sample_rate=int(mel["sample_rate"]),
+        clip_seconds=float(mel["clip_seconds"]),
+        n_fft=int(mel["n_fft"]),
+        hop_length=int(mel["hop_length"]),
+        n_mels=int(mel["n_mels"]),
+        fmin=float(mel["fmin"]),
+        fmax=float(mel["fmax"]),
+        mel_frames=int(mel["shape"][1]),
+        rows_per_shard=int(meta["rows_per_shard"]),
+        workers=0,
+    )
+
+
 def decode_row(
     frames: list[bytes], mel: bytes, mel_shape: tuple[int, ...]
 ) -> tuple[np.ndarray, np.ndarray]:

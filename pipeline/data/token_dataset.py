@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.tokenizers.batch_tokenize import read_split
+from pipeline.data.tokens import read_split
 
 
 def eval_frame(num_frames: int) -> int:

@@ -293,7 +293,7 @@ def run_evaluate(
     """Generate and score every task and CFG scale in params.evaluate; write metrics, samples
     and figures under `report_dir` (see the module doc)."""
     from pipeline.devices import resolve_device
-    from pipeline.tokenizers.batch_tokenize import ray_session
+    from pipeline.ray_runtime import ray_session
     from pipeline.tokenizers.vocoder import Vocoder
 
     start = time.monotonic()

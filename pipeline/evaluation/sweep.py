@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import io
-from pipeline.config import SWEEP_METRICS, GenerateConfig, Params, SweepConfig
+from pipeline.config import SWEEP_METRICS, GenerateConfig, PathsConfig, SweepConfig
 from pipeline.errors import PipelineError
 from pipeline.evaluation.evaluate import load_test_set
 from pipeline.evaluation.local import LocalEvaluator
@@ -87,26 +87,35 @@ def grid(cfg: SweepConfig) -> list[dict[str, Any]]:
 
 
 def run_sweep(
-    params: Params, report_dir: Path, parent_run_id: str, tracking_uri: str
+    cfg: SweepConfig,
+    generate: GenerateConfig,
+    paths: PathsConfig,
+    *,
+    seed: int,
+    report_dir: Path,
+    experiment: str,
+    parent_run_id: str,
+    tracking_uri: str,
 ) -> SweepSummary:
-    """Run the grid with Ray Tune (trials as MLflow child runs of `parent_run_id`)."""
+    """Run the grid with Ray Tune (trials as MLflow child runs of `parent_run_id` in
+    `experiment`). Of `generate` it reads batch_size and drop_ratio (fixed for every trial) and
+    guidance (the s of the T x N chart)."""
     import ray
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     from pipeline.devices import usable_cores
-    from pipeline.tokenizers.batch_tokenize import ray_session
+    from pipeline.ray_runtime import ray_session, require_gpus
 
-    cfg, paths = params.sweep, params.paths
     start = time.monotonic()
     fixed = {
         "transformer": str(Path(paths.transformer).resolve()),
         "tokenizers": str(Path(paths.tokenizers).resolve()),
         "evaluator": str(Path(paths.evaluator).resolve()),
         "clips": cfg.clips,
-        "seed": params.base.seed,
-        "batch_size": max(params.generate.batch_size, cfg.clips),
-        "drop_ratio": params.generate.drop_ratio,
+        "seed": seed,
+        "batch_size": max(generate.batch_size, cfg.clips),
+        "drop_ratio": generate.drop_ratio,
         "device": "cuda" if cfg.gpus_per_trial > 0 else "cpu",
         "threads": max(1, int(cfg.cpus_per_trial)),
     }
@@ -120,12 +129,11 @@ def run_sweep(
             1, int(ray.cluster_resources().get("CPU", usable_cores()) // cfg.cpus_per_trial)
         )
         if cfg.gpus_per_trial > 0:
-            gpus = float(ray.cluster_resources().get("GPU", 0))
-            if gpus < cfg.gpus_per_trial:
-                raise SweepError(
-                    f"sweep.gpus_per_trial is {cfg.gpus_per_trial:g} but the Ray cluster has "
-                    f"{gpus:g} GPUs; set it to 0 to sweep on CPU"
-                )
+            gpus = require_gpus(
+                cfg.gpus_per_trial,
+                f"sweep.gpus_per_trial asks for {cfg.gpus_per_trial:g} per trial",
+                "set it to 0 to sweep on CPU",
+            )
             concurrent = min(concurrent, int(gpus // cfg.gpus_per_trial))
         tuner = tune.Tuner(
             tune.with_resources(
@@ -143,7 +151,7 @@ def run_sweep(
                 callbacks=[
                     MLflowLoggerCallback(
                         tracking_uri=tracking_uri,
-                        experiment_name=params.base.experiment,
+                        experiment_name=experiment,
                         tags={"mlflow.parentRunId": parent_run_id, "stage": "sweep-trial"},
                     )
                 ],
@@ -164,7 +172,7 @@ def run_sweep(
     best = {"metric": cfg.metric, "mode": cfg.mode, "value": best_row[cfg.metric],
             **{k: best_row[k] for k in AXES}, "clips": cfg.clips,
             "comparable_to_paper": False}  # fmt: skip
-    write_results(rows, report_dir, cfg, params.generate)
+    write_results(rows, report_dir, cfg, generate)
     io.write_json(report_dir / "best.json", best)
     return SweepSummary(rows, best, time.monotonic() - start)
 

@@ -19,12 +19,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline import io
 from pipeline.config import EvaluatorConfig
 from pipeline.data.extract import iter_examples
 from pipeline.data.token_dataset import eval_frame
+from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
+from pipeline.evaluation.figures import evaluator_figure
 from pipeline.evaluation.local import LocalEvaluator
-from pipeline.tokenizers.tokenizer import Tokenizer
+from pipeline.tokenizers.tokenizer import Tokenizer, load_tokenizers
 
 
 class EvaluatorError(PipelineError):
@@ -322,3 +325,53 @@ def held_out_metrics(
         confusion["audio codec"] = confusion_matrix(rec_audio.predicted, y, k)
         confusion["image codec"] = confusion_matrix(rec_image.predicted, y, k)
     return metrics, confusion
+
+
+# ---------------------------------------------------------------------------------- stage
+
+
+@dataclass(frozen=True)
+class EvaluatorSummary:
+    """What `run_evaluator` made: the held-out metrics (also in `report_dir/metrics.json`)."""
+
+    labels: list[str]
+    metrics: dict[str, float]
+
+    def describe(self, out_dir: Path) -> str:
+        """The stage's closing line."""
+        m = self.metrics
+        return (
+            f"evaluator: {len(self.labels)} labels, {m['train_clips']} train clips; on "
+            f"{m['test_clips']} test clips audio accuracy {m['audio_acc']:.1%}, image "
+            f"{m['image_acc']:.1%}, CS matched {m['cs_matched']:.1f} vs shuffled "
+            f"{m['cs_shuffled']:.1f} -> {out_dir}"
+        )
+
+
+def run_evaluator(
+    cfg: EvaluatorConfig,
+    extract_dir: Path,
+    tokenizers_dir: Path,
+    out_dir: Path,
+    report_dir: Path,
+    *,
+    seed: int,
+    meta: dict[str, object] | None = None,
+) -> EvaluatorSummary:
+    """Train the offline evaluator on `extract_dir`'s train split (with the codec's
+    reconstructions when `cfg.codec_augment`), score it on the test split, save it to `out_dir`
+    (with `meta` added to its meta.json) and write `report_dir`/metrics.json, history.csv and
+    evaluator.png."""
+    device = resolve_device(cfg.device)
+    toks = load_tokenizers(tokenizers_dir, device) if cfg.codec_augment else None
+    train = load_clips(extract_dir, "train", cfg.per_label)
+    model, history, timings = train_local_evaluator(train, cfg, seed, device, toks)
+    test = load_clips(extract_dir, "test")
+    metrics, confusion = held_out_metrics(model, test, toks)
+    metrics |= {"train_clips": len(train), "test_clips": len(test)}
+    metrics |= {k: round(v, 1) for k, v in timings.items()}
+    model.save(out_dir, {"metrics": metrics, "comparable_to_paper": False, **(meta or {})})
+    io.write_json(report_dir / "metrics.json", {"comparable_to_paper": False, **metrics})
+    io.write_csv(report_dir / "history.csv", history.rows, ["part", "epoch", "loss", "acc"])
+    evaluator_figure(history.rows, confusion, model.labels, report_dir / "evaluator.png")
+    return EvaluatorSummary(list(model.labels), metrics)

@@ -1,7 +1,6 @@
 """The tokenize stage: extracted frames + mels -> VQGAN ids with Ray Data, as Parquet shards.
 
-The one module of the pipeline that uses Ray Data; `ray` is imported inside functions only, so
-the readers (`load_token_meta`, `iter_tokens`, `read_split`) work where Ray is not installed.
+The one module of the pipeline that uses Ray Data; `ray` is imported inside functions only.
 
 Input: the extract stage's `<extract_dir>/{split}/part-NNNNN.parquet` + meta.json, and the
 tokenizers stage's `<tokenizers_dir>/{image,audio}/` folders. Output (`out_dir`, replaced as a
@@ -12,17 +11,7 @@ whole, never half-written):
     meta.json                    TokenLayout, tokenizer hashes and sources, counts, labels,
                                  num_frames, precision, encoders used, files with sha256
 
-Columns (`TOKENS_SCHEMA`), plain Arrow types that pyarrow, pandas, polars or DuckDB read without
-Ray (no tensor extension types):
-
-    clip_id    string
-    label      string
-    split      string
-    image_ids  list<list<uint16>>  num_frames lists of rows * cols ids, row-major per frame
-    audio_ids  list<uint16>        rows * cols ids of the mel, row-major (mel bands x time)
-
-Ids are codebook indices in [0, C) of each modality; the layout in meta.json says C, the grid
-and the [MASK] id (= C); uint16 holds them because C <= 65535 (`VQGANArch.n_embed`).
+The file format, its schema and the readers are `pipeline.data.tokens`.
 
 How it runs: `ray.data.read_parquet` over the extract shards -> `map_batches(ClipTokenizer)`, a
 callable class run by a fixed pool of `num_actors` actors that each load both tokenizers once
@@ -54,14 +43,13 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -72,58 +60,35 @@ import torch
 from pipeline import checkpoint, io
 from pipeline.config import TokenizeConfig
 from pipeline.data import extract
+from pipeline.data.tokens import (
+    ID_DTYPE,
+    MAX_CODEBOOK,
+    META_NAME,
+    TOKENS_SCHEMA,
+    TokensError,
+    ids_numpy,
+    list_array,
+)
 from pipeline.devices import usable_cores
-from pipeline.errors import PipelineError
+from pipeline.ray_runtime import ray_session, require_gpus
 from pipeline.tokenizers.layout import TokenLayout
 from pipeline.tokenizers.tokenizer import Tokenizer, load_tokenizers
 
 log = logging.getLogger(__name__)
 
-META_NAME = "meta.json"
 CACHE_SUBDIR = "tokenize"
 MODALITIES = ("image", "audio")
 PRECISIONS = ("fp32", "tf32", "bf16")
-ID_DTYPE = np.uint16
-MAX_CODEBOOK = int(np.iinfo(ID_DTYPE).max)  # the [MASK] id C must fit as well
-# A local Ray instance's shared-memory object store; Ray Data streams within it.
-LOCAL_OBJECT_STORE_BYTES = 2 * 1024**3
 # The driver writes a scratch chunk once it holds this many clips (~5 KB of ids each).
 SCRATCH_CHUNK_ROWS = 4096
 READ_COLUMNS = ["clip_id", "label", "split", "frames", "mel"]
 
-TOKENS_SCHEMA = pa.schema(
-    [
-        ("clip_id", pa.string()),
-        ("label", pa.string()),
-        ("split", pa.string()),
-        ("image_ids", pa.list_(pa.list_(pa.uint16()))),
-        ("audio_ids", pa.list_(pa.uint16())),
-    ]
-)
 # Scratch rows also say which encoder (device + effective precision) made them.
 SCRATCH_SCHEMA = TOKENS_SCHEMA.append(pa.field("encoder", pa.string()))
 
 
-class TokenizeError(PipelineError):
+class TokenizeError(TokensError):
     """A tokenize problem the user can fix: missing inputs, mismatched shapes, no GPUs."""
-
-
-class TokenExample(NamedTuple):
-    """One clip read back: image_ids (num_frames, L_v) and audio_ids (L_a,), both uint16."""
-
-    clip_id: str
-    label: str
-    image_ids: np.ndarray
-    audio_ids: np.ndarray
-
-
-class TokenArrays(NamedTuple):
-    """A whole split read back: image_ids (n, num_frames, L_v), audio_ids (n, L_a) uint16."""
-
-    clip_ids: list[str]
-    labels: list[str]
-    image_ids: np.ndarray
-    audio_ids: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -345,44 +310,6 @@ def tokenize_plain(
 # ---------------------------------------------------------------------------------- Ray
 
 
-@contextlib.contextmanager
-def ray_session() -> Iterator[float]:
-    """Use the running Ray, or start one: the cluster at `RAY_ADDRESS` when set, else a local
-    instance (no dashboard, warnings only, a bounded object store). Shuts down only what it
-    started. Yields the seconds start-up took (0.0 when Ray was already running)."""
-    import ray
-
-    if ray.is_initialized():
-        yield 0.0
-        return
-    start = time.monotonic()
-    address = os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
-    if address is None:  # these may only be given when starting a new local instance
-        kwargs |= {"include_dashboard": False, "object_store_memory": LOCAL_OBJECT_STORE_BYTES}
-    ray.init(address=address, **kwargs)
-    try:
-        yield time.monotonic() - start
-    finally:
-        ray.shutdown()
-
-
-def _check_gpus(cfg: TokenizeConfig) -> None:
-    """Fail in one sentence, instead of waiting forever, when the cluster lacks the GPUs."""
-    import ray
-
-    if cfg.num_gpus_per_actor <= 0:
-        return
-    need = cfg.num_gpus_per_actor * cfg.num_actors
-    have = float(ray.cluster_resources().get("GPU", 0))
-    if have < need:
-        raise TokenizeError(
-            f"tokenize asks for {cfg.num_actors} actor(s) x {cfg.num_gpus_per_actor:g} GPU = "
-            f"{need:g} GPU(s) but the Ray cluster has {have:g}; set tokenize.num_gpus_per_actor "
-            "to 0 to tokenize on CPU, or point RAY_ADDRESS at a cluster with GPUs"
-        )
-
-
 def _cpu_threads(num_actors: int) -> int:
     return max(1, usable_cores() // num_actors)
 
@@ -453,50 +380,6 @@ def _write_scratch(ds, scratch: Path, uri: str | None) -> None:
 # ---------------------------------------------------------------------------------- Arrow
 
 
-def _list_array(values: np.ndarray) -> pa.ChunkedArray:
-    """(n, d1, ..., dk) ids -> n rows of k-level nested lists of uint16 (plain Arrow lists).
-
-    Built in pieces of fewer than 2**31 ids, so that no piece's int32 offsets overflow."""
-    values = np.ascontiguousarray(values, dtype=ID_DTYPE)
-    list_type: pa.DataType = pa.uint16()
-    for _ in values.shape[1:]:
-        list_type = pa.list_(list_type)
-    per_row = max(1, int(np.prod(values.shape[1:])))
-    step = max(1, (2**31 - 1) // per_row)
-    pieces = []
-    for start in range(0, len(values), step):
-        part = values[start : start + step]
-        arr: pa.Array = pa.array(part.reshape(-1))
-        for dim in reversed(part.shape[1:]):
-            offsets = pa.array(np.arange(0, len(arr) + 1, dim, dtype=np.int32))
-            arr = pa.ListArray.from_arrays(offsets, arr, type=pa.list_(arr.type))
-        pieces.append(arr)
-    return pa.chunked_array(pieces, type=list_type)
-
-
-def _ids_numpy(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...]) -> np.ndarray:
-    """A list, nested-list or Ray tensor-extension column -> (n, *shape) uint16.
-
-    Raises TokenizeError when a row does not hold prod(shape) ids."""
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    out = [np.zeros((0, *shape), ID_DTYPE)]
-    for arr in chunks:
-        n = len(arr)
-        if isinstance(arr.type, pa.ExtensionType):
-            arr = arr.storage
-        while (
-            pa.types.is_list(arr.type)
-            or pa.types.is_large_list(arr.type)
-            or pa.types.is_fixed_size_list(arr.type)
-        ):
-            arr = arr.flatten()
-        values = arr.to_numpy(zero_copy_only=False)
-        if values.size != n * int(np.prod(shape)):
-            raise TokenizeError(f"a token column holds {values.size} ids, not {n} x {shape}")
-        out.append(values.astype(ID_DTYPE, copy=False).reshape(n, *shape))
-    return np.concatenate(out)
-
-
 def _scratch_table(batch: dict[str, np.ndarray]) -> pa.Table:
     image, audio = batch["image_ids"], batch["audio_ids"]
     return pa.Table.from_arrays(
@@ -504,8 +387,8 @@ def _scratch_table(batch: dict[str, np.ndarray]) -> pa.Table:
             pa.array(list(batch["clip_id"]), pa.string()),
             pa.array(list(batch["label"]), pa.string()),
             pa.array(list(batch["split"]), pa.string()),
-            _list_array(image),
-            _list_array(audio),
+            list_array(image),
+            list_array(audio),
             pa.array(list(batch["encoder"]), pa.string()),
         ],
         schema=SCRATCH_SCHEMA,
@@ -543,8 +426,8 @@ def _compact(
     clip_ids = np.asarray(scratch.column("clip_id").to_pylist(), dtype=object)
     if len(set(clip_ids)) != len(clip_ids):
         raise TokenizeError("the Ray job returned some clips more than once")
-    image = _ids_numpy(scratch.column("image_ids"), (num_frames, layout.image.length))
-    audio = _ids_numpy(scratch.column("audio_ids"), (layout.audio.length,))
+    image = ids_numpy(scratch.column("image_ids"), (num_frames, layout.image.length))
+    audio = ids_numpy(scratch.column("audio_ids"), (layout.audio.length,))
     labels = np.asarray(scratch.column("label").to_pylist(), dtype=object)
     splits = np.asarray(scratch.column("split").to_pylist(), dtype=object)
     order = sorted(range(len(clip_ids)), key=clip_ids.__getitem__)
@@ -561,8 +444,8 @@ def _compact(
                     pa.array(clip_ids[take].tolist(), pa.string()),
                     pa.array(labels[take].tolist(), pa.string()),
                     pa.array(splits[take].tolist(), pa.string()),
-                    _list_array(image[take]),
-                    _list_array(audio[take]),
+                    list_array(image[take]),
+                    list_array(audio[take]),
                 ],
                 schema=TOKENS_SCHEMA,
             )
@@ -676,7 +559,11 @@ def run_tokenize(
     uri = _scratch_uri(cfg, key)
 
     with ray_session() as startup_s:
-        _check_gpus(cfg)
+        require_gpus(
+            cfg.num_gpus_per_actor * cfg.num_actors,
+            f"tokenize asks for {cfg.num_actors} actor(s) x {cfg.num_gpus_per_actor:g} GPU",
+            "set tokenize.num_gpus_per_actor to 0 to tokenize on CPU",
+        )
         if cfg.num_gpus_per_actor == 0 and cfg.precision != "fp32":
             log.warning("tokenize on CPU: precision %s falls back to fp32", cfg.precision)
         job_start = time.monotonic()
@@ -737,54 +624,3 @@ def run_tokenize(
     )
     log.info("%s", summary.describe(out_dir))
     return summary
-
-
-# ---------------------------------------------------------------------------------- readers
-
-
-def load_token_meta(out_dir: Path) -> tuple[TokenLayout, dict[str, Any]]:
-    """The tokens' TokenLayout and the whole meta.json."""
-    path = Path(out_dir) / META_NAME
-    if not path.is_file():
-        raise TokenizeError(
-            f"{out_dir} holds no tokens ({META_NAME}); run the tokenize stage first"
-        )
-    meta = io.read_json(path)
-    return TokenLayout.from_dict(meta["layout"]), meta
-
-
-def _read_file(path: Path, layout: TokenLayout, num_frames: int) -> TokenArrays:
-    table = pq.read_table(path, columns=TOKENS_SCHEMA.names)
-    return TokenArrays(
-        table.column("clip_id").to_pylist(),
-        table.column("label").to_pylist(),
-        _ids_numpy(table.column("image_ids"), (num_frames, layout.image.length)),
-        _ids_numpy(table.column("audio_ids"), (layout.audio.length,)),
-    )
-
-
-def read_split(out_dir: Path, split: str) -> TokenArrays:
-    """All of `split` at once, in clip_id order (uint16: ~5 KB per clip at paper size)."""
-    layout, meta = load_token_meta(out_dir)
-    parts = [
-        _read_file(Path(out_dir) / e["path"], layout, meta["num_frames"])
-        for e in meta["files"].get(split, [])
-    ]
-    if not parts:
-        n, lv, la = meta["num_frames"], layout.image.length, layout.audio.length
-        return TokenArrays([], [], np.zeros((0, n, lv), ID_DTYPE), np.zeros((0, la), ID_DTYPE))
-    return TokenArrays(
-        [c for p in parts for c in p.clip_ids],
-        [lab for p in parts for lab in p.labels],
-        np.concatenate([p.image_ids for p in parts]),
-        np.concatenate([p.audio_ids for p in parts]),
-    )
-
-
-def iter_tokens(out_dir: Path, split: str) -> Iterator[TokenExample]:
-    """Every clip of `split` in clip_id order, one file in memory at a time."""
-    layout, meta = load_token_meta(out_dir)
-    for entry in meta["files"].get(split, []):
-        part = _read_file(Path(out_dir) / entry["path"], layout, meta["num_frames"])
-        for i, clip_id in enumerate(part.clip_ids):
-            yield TokenExample(clip_id, part.labels[i], part.image_ids[i], part.audio_ids[i])

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import ExtractConfig, TokenizersConfig
-from pipeline.data.extract import load_meta
+from pipeline.config import TokenizersConfig
+from pipeline.data import extract
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.tokenizers.tokenizer import InputSpec
@@ -52,7 +52,7 @@ class TokenizersSummary:
 
 def input_specs(extract_dir: Path) -> dict[str, InputSpec]:
     """What each tokenizer eats, read from the extract stage's meta.json (not from params)."""
-    meta = load_meta(extract_dir)
+    meta = extract.load_meta(extract_dir)
     size = int(meta["image_size"])
     n_mels, frames = meta["mel"]["shape"]
     return {
@@ -61,9 +61,8 @@ def input_specs(extract_dir: Path) -> dict[str, InputSpec]:
     }
 
 
-def build_tokenizers(
+def run_tokenizers(
     cfg: TokenizersConfig,
-    mel: ExtractConfig,
     extract_dir: Path,
     out_dir: Path,
     report_dir: Path,
@@ -71,7 +70,8 @@ def build_tokenizers(
     seed: int,
     log_metrics: Callable[[dict[str, float], int], None] | None = None,
 ) -> TokenizersSummary:
-    """Import or train both tokenizers into `out_dir/{image,audio}`, the vocoder into `out_dir/vocoder`."""
+    """Import or train both tokenizers into `out_dir/{image,audio}`, the vocoder into
+    `out_dir/vocoder` (for the mel settings `extract_dir`'s meta.json records)."""
     start = time.monotonic()
     if not (extract_dir / "meta.json").is_file():
         raise PipelineError(f"{extract_dir} has no meta.json: run the extract stage first")
@@ -111,6 +111,6 @@ def build_tokenizers(
         metrics.update({f"{modality}_{k}": float(v) for k, v in scores.items()})
         tok.save(out_dir / modality, extra={"test_metrics": scores})
         pictures += sorted(report.glob("*.png"))
-    vocoder = build_vocoder(cfg.vocoder, mel)
+    vocoder = build_vocoder(cfg.vocoder, extract.settings(extract.load_meta(extract_dir)))
     vocoder.save(out_dir / "vocoder", extra={"source": cfg.vocoder.melgan or "griffin_lim"})
     return TokenizersSummary(sources, metrics, vocoder.kind, time.monotonic() - start, pictures)

@@ -31,9 +31,10 @@ from torch import nn
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.data.token_dataset import TokenSplit
+from pipeline.data.tokens import load_token_meta
 from pipeline.devices import usable_cores
 from pipeline.errors import PipelineError
-from pipeline.tokenizers.batch_tokenize import load_token_meta, ray_session
+from pipeline.ray_runtime import ray_session
 from pipeline.training import reports
 from pipeline.training.loop import (
     FolderEnvironment,
