@@ -40,11 +40,19 @@ CHECK_TIMEOUT_S = 10.0  # a server that takes longer than this to answer at the 
 _USERINFO = re.compile(r"(://[^/@:\s]*):[^@\s]*@")  # "://user:password@" of a URI
 
 
-def tracking_uri(repo_root: str | Path = ".") -> str:
-    """MLFLOW_TRACKING_URI if set, else sqlite:///<repo_root>/mlflow.db (absolute)."""
+def tracking_uri(repo_root: str | Path | None = None) -> str:
+    """MLFLOW_TRACKING_URI if set, else sqlite:///<repo_root>/mlflow.db (absolute).
+
+    `repo_root` defaults to the DVC repository the stage belongs to: DVC_ROOT, which DVC sets
+    for every stage command and, for `dvc exp run --temp` and queued experiments, points at the
+    user's workspace rather than the throwaway copy the stage runs in (else the runs would be
+    deleted with it); outside DVC, the working directory.
+    """
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if uri:
         return uri
+    if repo_root is None:
+        repo_root = os.environ.get("DVC_ROOT") or "."
     return f"sqlite:///{(Path(repo_root).resolve() / DEFAULT_DB).as_posix()}"
 
 
@@ -265,7 +273,7 @@ def stage_run(
     experiment: str,
     params: Mapping[str, Any],
     report_dir: str | Path,
-    repo_root: str | Path = ".",
+    repo_root: str | Path | None = None,
 ) -> Iterator[StageRun]:
     """One MLflow run for one stage execution.
 
@@ -282,7 +290,7 @@ def stage_run(
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = tracking_uri(repo_root)
     check_server(uri)
-    tags = {"stage": stage, "git_commit": git_commit(repo_root)}
+    tags = {"stage": stage, "git_commit": git_commit(repo_root or ".")}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp"] = os.environ["DVC_EXP_NAME"]
     tags = resolve_tags(tags)  # + user, source: what mlflow.start_run adds

@@ -302,3 +302,23 @@ def test_changing_an_evaluate_param_reruns_only_evaluate(tiny_repo):
     assert _ran(out) == ["evaluate"]
     wavs = list((tiny_repo / "reports/evaluate/samples/image2audio").glob("*.wav"))
     assert len(wavs) == 1  # the samples folder is replaced, not added to
+
+
+def test_a_temporary_experiment_keeps_its_runs_in_the_workspace_store(tiny_repo):
+    """`dvc exp run --temp` runs the stages in a copy under .dvc/tmp that DVC deletes afterwards;
+    their MLflow runs must land in the workspace's store, which `visual-echoes compare` reads."""
+    from mlflow.tracking import MlflowClient
+
+    git = ("git", "-c", "user.name=test", "-c", "user.email=test@localhost")
+    _run(tiny_repo, *git, "add", "-A")
+    _run(tiny_repo, *git, "commit", "-q", "-m", "baseline")  # an experiment needs a baseline
+    out = _run(tiny_repo, "dvc", "exp", "run", "--temp", "-S", "train.steps=6", "train")
+    assert _ran(out) == ["train"]
+    client = MlflowClient(f"sqlite:///{tiny_repo / 'mlflow.db'}")
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.stage = 'train'"
+    )
+    (exp_run,) = [r for r in runs if r.data.params.get("train.steps") == "6"]
+    assert exp_run.data.tags.get("dvc_exp") and exp_run.info.status == "FINISHED"
+    table = _run(tiny_repo, "visual-echoes", "compare", "--stage", "train")
+    assert exp_run.info.run_id[:8] in table
