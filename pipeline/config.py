@@ -132,6 +132,9 @@ class VGGSoundConfig:
     cookiefile: str = doc("Optional Netscape cookie file for yt-dlp; never logged.")
 
     def __post_init__(self) -> None:
+        _check(
+            bool(self.csv.strip()), "csv", "must name a list file (default sources/vggsound.csv)"
+        )
         _check("{id}" in self.url_template, "url_template", "must contain {id}")
         _check(self.split in ("train", "test"), "split", "must be 'train' or 'test'")
         _check(1 <= self.workers <= 64, "workers", "must be between 1 and 64")
@@ -153,8 +156,21 @@ class VGGSoundConfig:
 
 @dataclass(frozen=True)
 class LocalConfig:
-    videos_dir: str = doc("Folder of the user's own videos.")
+    videos_dir: str = doc("Folder of the user's own videos (a dependency of the download stage).")
     labels_csv: str = doc("CSV with header 'file,label[,split]'; file is relative to videos_dir.")
+
+    def __post_init__(self) -> None:
+        # dvc.yaml lists both as dependencies, and DVC refuses an empty one.
+        _check(
+            bool(self.videos_dir.strip()),
+            "videos_dir",
+            "must name a folder (default sources/videos)",
+        )
+        _check(
+            bool(self.labels_csv.strip()),
+            "labels_csv",
+            "must name a file (default sources/labels.csv)",
+        )
 
 
 @dataclass(frozen=True)

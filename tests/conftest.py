@@ -353,7 +353,7 @@ def new_tiny_repo(repo: Path) -> Path:
     from pipeline.profiles import apply_profile
 
     repo.mkdir(parents=True)
-    for name in ("pipeline", "stages", "profiles"):
+    for name in ("pipeline", "stages", "profiles", "sources"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)

@@ -82,7 +82,7 @@ def _config(
         retry_failed=retry_failed,
         synthetic=SyntheticConfig(2, 1, 1, 64, 48, 10, 16000, 10.0),
         vggsound=VGGSoundConfig(**options),
-        local=local or LocalConfig("", ""),
+        local=local or LocalConfig(str(tmp_path / "videos"), str(tmp_path / "labels.csv")),
     )
 
 
@@ -692,6 +692,34 @@ def test_local_source(tmp_path):
     assert {k: r.status for k, r in again.items()} == {k: r.status for k, r in records.items()}
 
 
+def test_a_switched_source_leaves_the_old_clips_out_of_what_later_stages_read(tmp_path, caplog):
+    """Synthetic clips, then a local folder in the same clips folder: the manifest and extract see
+    the local clip only; the synthetic files stay on disk (a switch back does not remake them)."""
+    from pipeline.config import ExtractConfig
+    from pipeline.data.extract import load_meta, run_extract
+
+    clips = tmp_path / "clips"
+    synthetic = _config(tmp_path, ROWS, source="synthetic")
+    dl.run_download(synthetic, clips, seed=0)
+    old = {r.clip_id for r in manifest.read_manifest(clips)}
+    assert len(old) == 4
+    _video(tmp_path / "mine" / "a.mp4", seconds=3.0)
+    (tmp_path / "labels.csv").write_text("file,label,split\na.mp4,dog,test\n")
+    local = LocalConfig(str(tmp_path / "mine"), str(tmp_path / "labels.csv"))
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        dl.run_download(dataclasses.replace(synthetic, source="local", local=local), clips, seed=0)
+    assert [r.clip_id for r in manifest.read_manifest(clips)] == [local_clip_id("a.mp4")]
+    assert all((clips / video_path(c)).is_file() for c in old)
+    assert "4 clip files in" in caplog.text and "not in this source's manifest" in caplog.text
+    cfg = ExtractConfig(
+        num_frames=2, image_size=16, jpeg_quality=90, sample_rate=16000, clip_seconds=10.0,
+        n_fft=1024, hop_length=256, n_mels=80, fmin=125.0, fmax=7600.0, mel_frames=608,
+        rows_per_shard=8, workers=1,
+    )  # fmt: skip
+    run_extract(cfg, clips, tmp_path / "extract", tmp_path / "cache")
+    assert load_meta(tmp_path / "extract")["counts"] == {"test": 1}
+
+
 def test_local_ids_and_default_split_are_stable():
     assert local_clip_id("a/b c.mp4") != local_clip_id("a/b_c.mp4")
     assert local_clip_id("../../etc/passwd").startswith("passwd_")
@@ -706,7 +734,7 @@ def test_local_missing_inputs_are_user_errors(tmp_path):
         tmp_path,
         ROWS,
         source="local",
-        local=LocalConfig(videos_dir=str(tmp_path / "nope"), labels_csv=""),
+        local=LocalConfig(videos_dir=str(tmp_path / "nope"), labels_csv=str(tmp_path / "no.csv")),
     )
     with pytest.raises(DownloadError, match="videos_dir"):
         download_local(cfg, tmp_path / "clips", previous=[])

@@ -172,7 +172,7 @@ def _local_config(videos: Path, labels: Path):
         source="local", limit=0, splits=("train", "test"), classes=(), retry_failed=False,
         synthetic=SyntheticConfig(2, 1, 1, 64, 48, 10, 16000, 10.0),
         vggsound=VGGSoundConfig(
-            csv="", split="test", url_template="http://127.0.0.1:9/{id}.mp4", format="b",
+            csv="unused.csv", split="test", url_template="http://127.0.0.1:9/{id}.mp4", format="b",
             workers=1, sleep_requests=0.0, sleep_interval=0.0, max_sleep_interval=0.0,
             socket_timeout=2.0, retries=1, backoff_s=1.0, max_backoff_s=1.0, cookiefile="",
         ),

@@ -174,6 +174,7 @@ def run_download(cfg: DownloadConfig, clips_dir: str | Path, *, seed: int) -> Do
             previous=previous,
         )
     manifest.write_manifest(clips_dir, records)
+    _note_other_sources(clips_dir, records)
     summary = summarize(cfg.source, records, time.monotonic() - started)
     log.info("%s", summary.describe(clips_dir))
     if summary.ok == 0:
@@ -182,6 +183,23 @@ def run_download(cfg: DownloadConfig, clips_dir: str | Path, *, seed: int) -> Do
             f"in {clips_dir / manifest.MANIFEST_NAME}"
         )
     return summary
+
+
+def _note_other_sources(clips_dir: Path, records: Sequence[ClipRecord]) -> None:
+    """Say how many clip files no record of this run names (an earlier source's): they are kept,
+    so that switching back fetches nothing twice, and never read, since every later stage
+    reads the manifest's clips only."""
+    named = {r.path for r in records if r.path}
+    videos = clips_dir / manifest.VIDEOS_DIR
+    others = [p for p in videos.rglob("*") if p.is_file()] if videos.is_dir() else []
+    others = [p for p in others if p.relative_to(clips_dir).as_posix() not in named]
+    if others:
+        log.info(
+            "%d clip files in %s are not in this source's manifest (an earlier source's); "
+            "later stages ignore them",
+            len(others),
+            videos,
+        )
 
 
 # ----------------------------------------------------------------------------------- selection
@@ -518,17 +536,16 @@ def verify_clip(path: str | Path, expected_s: float | None = CLIP_SECONDS) -> Pr
 
 
 def _read_entries(cfg: DownloadConfig) -> list[VGGSoundEntry]:
-    path = Path(cfg.vggsound.csv) if cfg.vggsound.csv else None
-    if path is None:
-        raise DownloadError(
-            "download.vggsound.csv is empty: set it to vggsound.csv, train.csv or test.csv"
-        )
+    path = Path(cfg.vggsound.csv)
     if not path.is_file():
         raise DownloadError(f"download.vggsound.csv: {path} does not exist")
     try:
         parsed = read_list(path, split=cfg.vggsound.split)
     except ValueError as err:
-        raise DownloadError(str(err)) from None
+        raise DownloadError(
+            f"download.vggsound.csv: {err}; set it to VGGSound's vggsound.csv, train.csv or "
+            "test.csv"
+        ) from None
     for bad in parsed.rejected[:10]:
         log.warning("%s: skipped %s", path, bad.reason)
     if len(parsed.rejected) > 10:
