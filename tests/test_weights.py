@@ -53,8 +53,9 @@ class FileServer:
     `script(path, *actions)` queues what the next requests for `path` get: "ok", "404",
     "drop" (headers, 40 % of the body, then the connection is cut), "stall" (headers, 30 % of
     the body, then silence for `stall_s`), "ignore_range" (200 and the whole body even when a
-    range was asked); `redirects` maps a path to another (302). `requests` records (path,
-    Range header, action) for every request.
+    range was asked); `redirects` maps a path to another (302). Each body has a strong ETag
+    and an `If-Range` naming another one gets the whole body. `requests` records (path, Range
+    header, action) for every request, `if_range` the If-Range headers.
     """
 
     def __init__(self, stall_s: float = 4.0) -> None:
@@ -62,6 +63,7 @@ class FileServer:
         self.redirects: dict[str, str] = {}
         self.stall_s = stall_s
         self.requests: list[tuple[str, str | None, str]] = []
+        self.if_range: list[str | None] = []
         self._scripts: dict[str, list[str]] = {}
         self._lock = threading.Lock()
         self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -98,6 +100,7 @@ class FileServer:
                     queue = server._scripts.get(self.path)
                     action = queue.pop(0) if queue else "ok"
                     server.requests.append((self.path, rng, action))
+                    server.if_range.append(self.headers.get("If-Range"))
                 if self.path in server.redirects:
                     self.send_response(302)
                     self.send_header("Location", server.redirects[self.path])
@@ -109,8 +112,10 @@ class FileServer:
                     self.send_header("Content-Length", "0")
                     return self.end_headers()
                 start = 0
+                etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
+                if_range = self.headers.get("If-Range")
                 m = re.fullmatch(r"bytes=(\d+)-", rng or "")
-                if m and action != "ignore_range":
+                if m and action != "ignore_range" and if_range in (None, etag):
                     start = int(m[1])
                     if start >= len(data):
                         self.send_response(416)
@@ -123,6 +128,7 @@ class FileServer:
                     self.send_response(200)
                 self.send_header("Content-Length", str(len(data) - start))
                 self.send_header("Accept-Ranges", "bytes")
+                self.send_header("ETag", etag)
                 self.end_headers()
                 body = data[start:]
                 try:
@@ -359,6 +365,24 @@ def test_a_download_cut_in_one_run_resumes_in_the_next(checkout, official, capsy
     assert code == 0, err
     assert official.server.made(official.path(name))[-1] == (f"bytes={kept}-", "ok")
     assert final.read_bytes() == official.bodies[name] and not part.exists()
+
+
+def test_a_file_changed_on_the_server_between_runs_is_not_spliced(checkout, official, capsys):
+    """Nothing is published for Wav2CLIP: only If-Range keeps a resume from joining two
+    versions into a file that the lock would then record."""
+    name = "wav2clip"
+    official.server.script(official.path(name), "drop")
+    assert fetch(capsys, official, name, "--attempts", "1")[0] == 1
+    newer = official.bodies[name][::-1]
+    official.serve(name, newer)
+    code, _, err = fetch(capsys, official, name)
+    assert code == 0, err
+    first, second = official.server.if_range
+    assert first is None and second and second != f'"{hashlib.sha256(newer).hexdigest()[:16]}"'
+    final = checkout / WEIGHTS_DIR / "evaluator" / "Wav2CLIP.pt"
+    assert final.read_bytes() == newer
+    assert Lock(checkout / LOCK_FILE).recorded(name, "file")["sha256"] == hashlib.sha256(newer).hexdigest()  # fmt: skip
+    assert leftovers(checkout / WEIGHTS_DIR) == ["evaluator/Wav2CLIP.pt"]
 
 
 def test_a_server_that_ignores_the_range_starts_over(checkout, official, capsys):

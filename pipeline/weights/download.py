@@ -7,8 +7,11 @@ follows redirects (requests' default), asks for the bytes as stored (`Accept-Enc
 identity`, and no decoding of a `Content-Encoding` either: a `.tar.gz` must stay gzip), and ends
 an attempt when no byte arrives for `timeout_s` or the connection is cut. Each attempt resumes
 from where the last one stopped; 408, 429 and 5xx answers are retried too, any other 4xx is
-final. What was received stays in `part` for the next run. Whether the bytes are the right ones
-is the caller's question (pipeline.weights.store verifies them).
+final. What was received stays in `part` for the next run, with the response's validator
+(a strong ETag, else Last-Modified) in `<part>.if-range`: a resume sends it as `If-Range`, so a
+file changed on the server since comes whole (200) instead of being spliced onto the old bytes.
+Whether the bytes are the right ones is the caller's question (pipeline.weights.store verifies
+them).
 """
 
 from __future__ import annotations
@@ -60,11 +63,18 @@ def _body(raw: urllib3.HTTPResponse) -> Iterator[bytes]:
         yield from raw.stream(FALLBACK_CHUNK, decode_content=False)
 
 
+def _validator_file(part: Path) -> Path:
+    return part.with_name(part.name + ".if-range")
+
+
 def _attempt(session: requests.Session, url: str, part: Path, timeout_s: float, desc: str) -> None:
     have = part.stat().st_size if part.is_file() else 0
+    validator = _validator_file(part)
     headers = {"Accept-Encoding": "identity"}
     if have:
         headers["Range"] = f"bytes={have}-"
+        if validator.is_file():
+            headers["If-Range"] = validator.read_text().strip()
     with session.get(url, headers=headers, stream=True, timeout=(timeout_s, timeout_s)) as r:
         if r.status_code == 416 and have:
             if _content_range(r.headers.get("Content-Range"))[1] == have:
@@ -84,7 +94,13 @@ def _attempt(session: requests.Session, url: str, part: Path, timeout_s: float, 
             have = 0
             length = r.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
-        part.parent.mkdir(parents=True, exist_ok=True)
+            etag = r.headers.get("ETag", "")
+            tag = etag if etag and not etag.startswith("W/") else r.headers.get("Last-Modified", "")
+            part.parent.mkdir(parents=True, exist_ok=True)
+            if tag:  # If-Range takes a strong ETag or a date
+                validator.write_text(tag)
+            else:
+                validator.unlink(missing_ok=True)
         with (
             open(part, "ab" if have else "wb") as f,
             tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
@@ -119,6 +135,7 @@ def download(
                 time.sleep(min(2.0 ** (attempt - 2), MAX_PAUSE_S))
             try:
                 _attempt(session, url, part, timeout_s, desc)
+                _validator_file(part).unlink(missing_ok=True)
                 return
             except _Retry as err:
                 reason = str(err)
