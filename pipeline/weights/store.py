@@ -191,15 +191,21 @@ def _download_verified(w: Weight, url: str, part: Path, lock: Lock, opts: FetchO
         except DownloadError as err:
             raise DownloadError(f"{w.name}: {err}") from None
         d = digests(part)
-        problems = published_mismatches(d, w)
-        problems += recorded_mismatches(d, lock.recorded(w.name, "download"), lock)
+        against_lock = recorded_mismatches(d, lock.recorded(w.name, "download"), lock)
+        problems = published_mismatches(d, w) + against_lock
         if not problems:
             return d
         part.unlink(missing_ok=True)
         if not resumed:
+            hint = (
+                f" (if its project replaced the file on purpose, remove {w.name} from "
+                f"{lock.path.name} and fetch again)"
+                if against_lock
+                else ""
+            )
             raise WeightsError(
                 f"{w.name}: the download from {url} is not the official file "
-                f"({'; '.join(problems)}); it was deleted and nothing was installed"
+                f"({'; '.join(problems)}); it was deleted and nothing was installed{hint}"
             )
         echo(f"{w.name}: the partial download kept from an earlier run did not verify; "
              "downloading again from the start")  # fmt: skip
@@ -247,8 +253,9 @@ def fetch_one(w: Weight, dest: Path, lock: Lock, opts: FetchOptions, echo: Calla
     try:
         part.parent.mkdir(parents=True, exist_ok=True)
         got = _download_verified(w, url, part, lock, opts, echo)
-        # A full published sha256 needs no record; otherwise the first verified download's.
-        record = not w.full_sha256 and lock.recorded(w.name, "download") is None
+        # The first verified download is recorded unless a full sha256 is published for the
+        # file itself (for a tarball, the file inside has no published hash at all).
+        record = (w.archive or not w.full_sha256) and lock.recorded(w.name, "download") is None
         if w.archive:
             _install_archive(w, part, dest, lock, got, record)
         else:
