@@ -1,7 +1,9 @@
 """The `visual-echoes` command.
 
 visual-echoes profile profiles/tiny.yaml    apply a params profile (keeps comments)
-visual-echoes check                         say which ffmpeg is used and validate params.yaml
+visual-echoes check                         validate params.yaml, say which ffmpeg is used and
+                                            whether the weight files it points at are there
+visual-echoes weights fetch --all           download and verify the paper profile's official files
 visual-echoes image2audio --image cat.jpg --out cat.wav
 visual-echoes audio2image --audio bark.wav --out bark.png
 visual-echoes cogenerate --samples 4 --out generated/
@@ -21,6 +23,8 @@ from pipeline.compare import add_subcommand as add_compare
 from pipeline.errors import PipelineError
 from pipeline.inference.command import add_subcommands
 from pipeline.submit import add_subcommand as add_submit
+from pipeline.weights.command import add_registry_arguments
+from pipeline.weights.command import add_subcommand as add_weights
 
 
 def _profile(args: argparse.Namespace) -> str:
@@ -31,11 +35,22 @@ def _profile(args: argparse.Namespace) -> str:
 
 
 def _check(args: argparse.Namespace) -> str:
+    from pathlib import Path
+
     from pipeline.config import load_params
     from pipeline.media import ffmpeg_exe
+    from pipeline.weights.registry import LOCK_FILE, Lock, WeightsError, load_registry
+    from pipeline.weights.store import params_report
 
-    load_params(args.params)
-    return f"{args.params} is valid; ffmpeg: {ffmpeg_exe()}"
+    params = load_params(args.params)
+    root = Path(args.params).parent  # the stages run beside params.yaml
+    lock = Lock(args.lock or root / LOCK_FILE)
+    report, problem = params_report(params, load_registry(args.registry), lock, root)
+    out = f"{args.params} is valid; ffmpeg: {ffmpeg_exe()}\n{report}"
+    if problem:  # the stage that reads a missing or wrong file would fail hours into a run
+        print(out)
+        raise WeightsError(problem)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,12 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("profile", help="overlay YAML, e.g. profiles/tiny.yaml")
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=_profile)
-    c = sub.add_parser("check", help="validate params.yaml and find ffmpeg")
+    c = sub.add_parser("check", help="validate params.yaml, find ffmpeg, verify weight files")
     c.add_argument("--params", default="params.yaml")
+    add_registry_arguments(c, None)
     c.set_defaults(func=_check)
     add_subcommands(sub)
     add_compare(sub)
     add_submit(sub)
+    add_weights(sub)
     return parser
 
 

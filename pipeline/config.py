@@ -543,7 +543,8 @@ class GenerateConfig:
 
 @dataclass(frozen=True)
 class OfficialExtractorsConfig:
-    """Local paths of the checkpoints behind the paper's numbers (never downloaded)."""
+    """Local paths of the checkpoints behind the paper's numbers (`visual-echoes weights fetch`
+    downloads and verifies them; no stage downloads anything)."""
 
     panns_cnn14_16k: str = doc("Cnn14_16k_mAP=0.438.pth: FD (2048-d) and IS (527 logits).")
     vggish: str = doc("vggish-10086976.pth: FAD on 128-d frame embeddings.")
@@ -721,6 +722,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             value = ""
         _check(isinstance(value, str), key, "must be a string")
     return value
+
+
+def parse_section(cls: type, data: Any, key: str) -> Any:
+    """The frozen dataclass `cls` built from the mapping `data` with params.yaml's checks (every
+    key known and present, values coerced to the field types); errors name `key`.the.field."""
+    return _build(cls, data, key)
 
 
 def parse_params(data: Any) -> Params:
