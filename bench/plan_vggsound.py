@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.models import PAPER_MODEL, AudioVisualTransformer, count_parameters
+from pipeline.models import AudioVisualTransformer, count_parameters
 from pipeline.models.flops import flops_per_sample
+from pipeline.profiles import paper_params
 from pipeline.tokenizers.layout import ModalityLayout, TokenLayout
 
 # VGGSound, official train.csv / test.csv (pipeline-anchors §1).
@@ -151,7 +152,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def paper_parameters() -> int:
     with torch.device("meta"):
-        return count_parameters(AudioVisualTransformer(PAPER_MODEL, LAYOUT))
+        return count_parameters(AudioVisualTransformer(paper_params().model, LAYOUT))
 
 
 def plan(args: argparse.Namespace) -> list[Row]:
@@ -207,7 +208,7 @@ def plan(args: argparse.Namespace) -> list[Row]:
 
     params = paper_parameters()
     train_disk = params * (KEEP_CHECKPOINTS * BYTES_PER_PARAM_CHECKPOINT + BYTES_PER_PARAM_EXPORT)
-    sample_flops = flops_per_sample(PAPER_MODEL, LAYOUT, drop_ratio=0.5).training
+    sample_flops = flops_per_sample(paper_params().model, LAYOUT, drop_ratio=0.5).training
     steps = args.epochs * args.train_clips / args.global_batch
     for gpu in (
         Gpus("V100", args.v100, V100_PEAK_TFLOPS, args.v100_mfu, "assumed", CHECKPOINTING_COST,

@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import load_params  # noqa: E402
 from pipeline.devices import choose_precision, resolve_device  # noqa: E402
 from pipeline.masking import mask_for_training  # noqa: E402
-from pipeline.models import PAPER_MODEL, AudioVisualTransformer, count_parameters  # noqa: E402
+from pipeline.models import AudioVisualTransformer, count_parameters  # noqa: E402
 from pipeline.models.flops import flops_per_sample  # noqa: E402
+from pipeline.profiles import paper_params  # noqa: E402
 from pipeline.tokenizers.layout import ModalityLayout, TokenLayout  # noqa: E402
 from pipeline.tokenizers.tokenizer import InputSpec, vqgan_config  # noqa: E402
 from pipeline.training.loop import train_step  # noqa: E402
@@ -78,7 +79,7 @@ def saved_for_backward(net, model, batch, train_cfg, precision: str) -> int:
 def build(config: str, checkpointing: bool, image_grid: int | None = None):
     params = load_params()
     if config == "paper":
-        model_cfg, codes, grid = PAPER_MODEL, (1024, 1024), 16
+        model_cfg, codes, grid = paper_params().model, (1024, 1024), 16
     elif config == "demo":
         model_cfg = params.model
         image = params.tokenizers.image.arch

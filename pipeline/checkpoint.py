@@ -23,7 +23,6 @@ from pipeline import io
 from pipeline.errors import PipelineError
 
 WEIGHTS_NAME = "weights.pt"
-META_NAME = "meta.json"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -157,18 +156,18 @@ def save(folder: str | Path, model: nn.Module, meta: Mapping[str, Any]) -> Path:
     weights = folder / WEIGHTS_NAME
     with io.atomic_path(weights) as tmp:
         torch.save(unwrap(model).state_dict(), tmp)
-    io.write_json(folder / META_NAME, {**meta, "weights_sha256": io.sha256_file(weights)})
+    io.write_json(folder / io.META_NAME, {**meta, "weights_sha256": io.sha256_file(weights)})
     return folder
 
 
 def load(folder: str | Path) -> tuple[StateDict, dict[str, Any]]:
     """Read a project checkpoint folder: (state dict, meta). Checks the recorded sha256."""
     folder = Path(folder)
-    meta_path = folder / META_NAME
+    meta_path = folder / io.META_NAME
     if not meta_path.is_file():
-        raise CheckpointError(f"{folder} is not a checkpoint folder (no {META_NAME})")
+        raise CheckpointError(f"{folder} is not a checkpoint folder (no {io.META_NAME})")
     meta = io.read_json(meta_path)
     state = read_state_dict(folder / WEIGHTS_NAME)
     if meta.get("weights_sha256") not in (None, state.sha256):
-        raise CheckpointError(f"{folder / WEIGHTS_NAME} does not match the sha256 in {META_NAME}")
+        raise CheckpointError(f"{folder / WEIGHTS_NAME} does not match the sha256 in {io.META_NAME}")
     return state, meta

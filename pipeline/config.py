@@ -394,13 +394,6 @@ class ModelConfig:
         "Recompute block activations in the backward pass (less memory, ~30% more compute)."
     )
 
-    pos_init: Literal["random", "sincos"] = doc(
-        "Initial value of the (learnable) positional embeddings: N(0, 0.02) as in the paper, or"
-        " 2-D sin-cos over each modality's grid (rows, columns), which short CPU runs learn from"
-        " much faster.",
-        default="random",
-    )
-
     def __post_init__(self) -> None:
         for width, heads, name in (
             (self.embed_dim, self.num_heads, "num_heads"),

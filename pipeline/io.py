@@ -24,6 +24,9 @@ import pyarrow.parquet as pq
 PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 3, "write_statistics": True}
 
 TMP_PREFIX = ".tmp-"
+# The JSON sidecar of every stage output (shards, checkpoints) that the next stage sizes
+# itself from.
+META_NAME = "meta.json"
 
 
 @contextlib.contextmanager

@@ -41,6 +41,16 @@ def _merged(overlay: dict[str, Any], params_path: Path) -> Params:
     return parse_params(merge(yaml.safe_load(params_path.read_text()), overlay))
 
 
+# The checkout's profiles: profiles/paper.yaml is the one definition of the paper's settings
+# (model size, generation N/T/s, ...); code that needs them reads it through `paper_params`.
+PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
+
+
+def paper_params() -> Params:
+    """The checkout's params.yaml with profiles/paper.yaml applied (the paper's settings)."""
+    return load_profile(PROFILES_DIR / "paper.yaml", PROFILES_DIR.parent / "params.yaml")
+
+
 def load_profile(profile: str | Path, params_path: str | Path = "params.yaml") -> Params:
     """The params `profile` would give `params_path`, validated, without writing anything."""
     return _merged(_read_overlay(Path(profile)), Path(params_path))

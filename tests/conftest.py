@@ -234,7 +234,6 @@ def write_token_dir(
     import pyarrow as pa
 
     from pipeline import io
-    from pipeline.data.tokens import META_NAME
     from pipeline.tokenizers.batch_tokenize import _compact, _scratch_table
     from pipeline.tokenizers.layout import ModalityLayout, TokenLayout
 
@@ -275,7 +274,7 @@ def write_token_dir(
     out_dir.mkdir(parents=True, exist_ok=True)
     files, counts = _compact(table, layout, num_frames, 16, out_dir)
     io.write_json(
-        out_dir / META_NAME,
+        out_dir / io.META_NAME,
         {
             "layout": layout.to_dict(),
             "counts": counts,
@@ -307,6 +306,9 @@ def run_in(repo: Path, *args: str, check: bool = True, env: dict[str, str] | Non
 
     env = {**os.environ, **(env or {})}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    # The console script imports the code under test, not whatever checkout the venv was made in
+    # (stages run `python -m` inside `repo`, whose own copy of the code comes first).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     if check:

@@ -248,7 +248,7 @@ def _write_extract(out_dir: Path, split: str, c: Clips) -> Path:
     import pyarrow.parquet as pq
 
     from pipeline import io
-    from pipeline.data.extract import META_NAME, SHARD_SCHEMA
+    from pipeline.data.extract import SHARD_SCHEMA
 
     rows = [
         {"clip_id": cid, "label": lab, "split": split, "flags": [],
@@ -262,7 +262,7 @@ def _write_extract(out_dir: Path, split: str, c: Clips) -> Path:
         "num_frames": c.frames.shape[1],
         "shards": {split: [{"path": "part-00000.parquet", "rows": len(rows)}]},
     }
-    io.write_json(out_dir / META_NAME, meta)
+    io.write_json(out_dir / io.META_NAME, meta)
     return out_dir
 
 

@@ -100,8 +100,7 @@ def test_predict_masked_keeps_targets_and_restores_mode(model, split, training):
 
     model.eval()
     with torch.no_grad():
-        outputs = model(batch.inputs["audio"], batch.inputs["image"])
-    logits = dict(zip(MODALITIES, outputs, strict=True))
+        logits = model(batch.inputs["audio"], batch.inputs["image"])
     for m in MODALITIES:
         ids, masked, targets = predicted[m], batch.masked[m], batch.targets[m]
         assert ids.dtype == torch.int64 and ids.device.type == "cpu"

@@ -103,7 +103,7 @@ class FixedLogits(nn.Module):
         b = audio_ids.shape[0]
         la = torch.zeros(b, 12, 16)
         la[..., 0] = torch.arange(12, dtype=torch.float32)
-        return la, torch.zeros(b, 9, 12)
+        return {"audio": la, "image": torch.zeros(b, 9, 12)}
 
 
 def test_temperature_zero_keeps_the_most_confident_tokens():
@@ -138,8 +138,8 @@ def test_guidance_of_one_equals_the_conditional_logits():
     ids = _ids(2)
     tokens = {"audio": torch.full_like(ids["audio"], LAYOUT.audio.mask_id), "image": ids["image"]}
     plain = Unmasker(model, LAYOUT, UnmaskingScheduler(4, 1.0, 1.0)).logits(tokens, spec.condition)
-    la, lv = model(tokens["audio"], tokens["image"])
-    assert torch.allclose(plain["audio"], la) and torch.allclose(plain["image"], lv)
+    direct = model(tokens["audio"], tokens["image"])
+    assert all(torch.allclose(plain[m], direct[m]) for m in ("audio", "image"))
 
 
 def test_batched_guidance_equals_two_separate_passes():
@@ -147,9 +147,9 @@ def test_batched_guidance_equals_two_separate_passes():
     ids = _ids(2)
     tokens = {"audio": torch.full_like(ids["audio"], LAYOUT.audio.mask_id), "image": ids["image"]}
     out = Unmasker(model, LAYOUT, UnmaskingScheduler(4, 1.0, 3.0)).logits(tokens, "image")
-    cond = model(tokens["audio"], tokens["image"])[0]
+    cond = model(tokens["audio"], tokens["image"])["audio"]
     blank = torch.full_like(ids["image"], LAYOUT.image.mask_id)
-    uncond = model(tokens["audio"], blank)[0]
+    uncond = model(tokens["audio"], blank)["audio"]
     assert torch.allclose(out["audio"], 3 * cond - 2 * uncond, atol=1e-5)
     assert torch.allclose(guided(cond, uncond, 3.0), 3 * cond - 2 * uncond, atol=1e-6)
     assert not torch.allclose(cond, uncond)  # the condition matters, so the check can fail
@@ -196,7 +196,7 @@ def test_drop_ratio_hides_half_of_each_modality_from_the_encoder_reproducibly():
         def forward(self, audio_ids, image_ids, keep=None):
             seen.append(keep)
             b = audio_ids.shape[0]
-            return torch.randn(b, 12, 16), torch.randn(b, 9, 12)
+            return {"audio": torch.randn(b, 12, 16), "image": torch.randn(b, 9, 12)}
 
     def run(seed):
         torch.manual_seed(0)

@@ -8,7 +8,8 @@ import torch
 
 from pipeline.config import MaskingConfig, ModelConfig
 from pipeline.masking import mask_for_training
-from pipeline.models import PAPER_MODEL, AudioVisualTransformer, count_parameters
+from pipeline.models import AudioVisualTransformer, count_parameters
+from pipeline.profiles import paper_params
 from pipeline.tokenizers.layout import ModalityLayout, TokenLayout
 from pipeline.training.objective import compute_loss
 
@@ -53,7 +54,7 @@ def test_paper_config_is_407m_parameters_within_one_percent():
         ModalityLayout("audio", 1024, (5, 53)), ModalityLayout("image", 1024, (16, 16))
     )
     with torch.device("meta"):
-        model = AudioVisualTransformer(PAPER_MODEL, paper)
+        model = AudioVisualTransformer(paper_params().model, paper)
     n = count_parameters(model)
     # model-anchors §6.1: 407,309,313 with one shared 1025-row vocabulary; separate per-modality
     # tables (the spec) add 1024 x 1025 + 1023 = 1,050,623.
@@ -66,10 +67,9 @@ def test_paper_config_is_407m_parameters_within_one_percent():
 def test_shapes_with_and_without_drop():
     model = _model()
     batch = _batch()
-    la, lv = model(batch.inputs["audio"], batch.inputs["image"], batch.keep)
-    assert la.shape == (4, 12, 16) and lv.shape == (4, 9, 12)
-    la, lv = model(batch.inputs["audio"], batch.inputs["image"])
-    assert la.shape == (4, 12, 16) and lv.shape == (4, 9, 12)
+    for keep in (batch.keep, None):
+        logits = model(batch.inputs["audio"], batch.inputs["image"], keep)
+        assert logits["audio"].shape == (4, 12, 16) and logits["image"].shape == (4, 9, 12)
 
 
 def test_keep_with_unequal_rows_is_rejected():
@@ -85,7 +85,7 @@ def test_logits_are_tied_to_the_embedding_tables():
     with torch.no_grad():
         model.token_embed["audio"].weight[3].mul_(0.0)
         model.head_bias["audio"].zero_()
-    la, _ = model(_ids(2)["audio"], _ids(2)["image"])
+    la = model(_ids(2)["audio"], _ids(2)["image"])["audio"]
     assert torch.allclose(la[..., 3], torch.zeros_like(la[..., 3]), atol=1e-6)
     # The [MASK] row (index C) is never a class.
     assert la.shape[-1] == LAYOUT.audio.codebook_size
@@ -97,7 +97,7 @@ def test_head_detach_switch_controls_the_gradient_through_the_output(detach):
     # Inputs without code 5 in audio: any gradient on its embedding row comes from the output.
     ids = _ids(2)
     ids["audio"] = torch.where(ids["audio"] == 5, 6, ids["audio"])
-    la, _ = model(ids["audio"], ids["image"])
+    la = model(ids["audio"], ids["image"])["audio"]
     la[..., 5].sum().backward()
     grad = model.token_embed["audio"].weight.grad[5]
     assert (grad.abs().sum() == 0) == detach
@@ -160,25 +160,11 @@ def test_paper_training_flops_match_the_reference_count():
     paper = TokenLayout(
         ModalityLayout("audio", 1024, (5, 53)), ModalityLayout("image", 1024, (16, 16))
     )
-    flops = flops_per_sample(PAPER_MODEL, paper, drop_ratio=0.5)
+    model = paper_params().model
+    flops = flops_per_sample(model, paper, drop_ratio=0.5)
     # model-anchors §6.2: encoder 164.3 GF (at 261 kept tokens; we keep 260), decoder 113.8 GF,
     # head 2.7 GF, training about 843 GF per sample.
     assert flops.decoder / 1e9 == pytest.approx(113.8, rel=1e-3)
     assert flops.encoder / 1e9 == pytest.approx(164.3, rel=0.01)
     assert flops.training / 1e9 == pytest.approx(843, rel=0.01)
-    assert flops_per_sample(PAPER_MODEL, paper, 0.0).forward / 1e9 == pytest.approx(458, rel=0.01)
-
-
-def test_sincos_position_init_encodes_each_grid_row_and_column():
-    from pipeline.models.transformer import grid_sincos
-
-    table = grid_sincos(LAYOUT, 32)
-    assert table.shape == (LAYOUT.seq_len, 32)
-    audio = table[: LAYOUT.audio.length].reshape(2, 6, 32)
-    # Row channels (first half) equal along a row, column channels equal down a column.
-    assert torch.allclose(audio[0, 0, :16], audio[0, 5, :16])
-    assert torch.allclose(audio[0, 3, 16:], audio[1, 3, 16:])
-    assert not torch.allclose(audio[0, 0], audio[1, 0])
-    model = _model(dataclasses.replace(TINY, pos_init="sincos"))
-    assert torch.allclose(model.pos_embed[0], grid_sincos(LAYOUT, TINY.embed_dim))
-    assert model.pos_embed.requires_grad  # an initial value, still learned
+    assert flops_per_sample(model, paper, 0.0).forward / 1e9 == pytest.approx(458, rel=0.01)

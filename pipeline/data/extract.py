@@ -89,7 +89,6 @@ TRUNCATED_FRACTION = 0.9  # decoded audio under 90% of the header's duration, fr
 DECODE_TIMEOUT_S = 300.0
 JPEG_SETTINGS = {"format": "JPEG", "optimize": False, "progressive": False, "subsampling": 0}
 
-META_NAME = "meta.json"
 FAILURES_NAME = "failures.parquet"
 CACHE_SUBDIR = "extract"
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -729,7 +728,7 @@ def run_extract(
             tmp / FAILURES_NAME, pa.Table.from_pylist(done.failures, schema=FAILURE_SCHEMA)
         )
         meta = _meta(cfg, records, done, tmp)
-        io.write_json(tmp / META_NAME, meta)
+        io.write_json(tmp / io.META_NAME, meta)
         io.replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
@@ -764,7 +763,7 @@ def run_extract(
 
 def load_meta(out_dir: Path) -> dict[str, Any]:
     """The stage's meta.json."""
-    return io.read_json(Path(out_dir) / META_NAME)
+    return io.read_json(Path(out_dir) / io.META_NAME)
 
 
 def settings(meta: dict[str, Any]) -> ExtractConfig:

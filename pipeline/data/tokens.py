@@ -32,7 +32,6 @@ from pipeline import io
 from pipeline.errors import PipelineError
 from pipeline.tokenizers.layout import TokenLayout
 
-META_NAME = "meta.json"
 ID_DTYPE = np.uint16
 MAX_CODEBOOK = int(np.iinfo(ID_DTYPE).max)  # the [MASK] id C must fit as well
 
@@ -121,9 +120,9 @@ def ids_numpy(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...]) -> np.
 
 def load_token_meta(out_dir: Path) -> tuple[TokenLayout, dict[str, Any]]:
     """The tokens' TokenLayout and the whole meta.json."""
-    path = Path(out_dir) / META_NAME
+    path = Path(out_dir) / io.META_NAME
     if not path.is_file():
-        raise TokensError(f"{out_dir} holds no tokens ({META_NAME}); run the tokenize stage first")
+        raise TokensError(f"{out_dir} holds no tokens ({io.META_NAME}); run the tokenize stage first")
     meta = io.read_json(path)
     return TokenLayout.from_dict(meta["layout"]), meta
 

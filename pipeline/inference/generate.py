@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import checkpoint
+from pipeline import checkpoint, io
 from pipeline.config import ExtractConfig, GenerateConfig
 from pipeline.devices import choose_precision, resolve_device
 from pipeline.errors import PipelineError
@@ -67,9 +67,9 @@ class Generator:
         self.cfg = cfg
         self.device = resolve_device(device or cfg.device)
         transformer_dir, tokenizers_dir = Path(transformer_dir), Path(tokenizers_dir)
-        if not (transformer_dir / checkpoint.META_NAME).is_file():
+        if not (transformer_dir / io.META_NAME).is_file():
             raise GenerateError(
-                f"{transformer_dir} is not a transformer checkpoint (no {checkpoint.META_NAME}); "
+                f"{transformer_dir} is not a transformer checkpoint (no {io.META_NAME}); "
                 "point --checkpoint at the train stage output (models/transformer)"
             )
         try:

@@ -140,7 +140,7 @@ class Unmasker:
         with autocast(device, self.precision):
             args = (inputs["audio"], inputs["image"]) + ((keep,) if keep is not None else ())
             out = self.model(*args)
-        logits = {m: x.float() for m, x in zip(MODALITIES, out, strict=True)}
+        logits = {m: x.float() for m, x in out.items()}
         if use_cfg:
             logits = {m: guided(*x.chunk(2), s) for m, x in logits.items()}
         return logits

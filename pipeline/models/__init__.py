@@ -1,5 +1,5 @@
 """The unified masked generative transformer."""
 
-from pipeline.models.transformer import PAPER_MODEL, AudioVisualTransformer, count_parameters
+from pipeline.models.transformer import AudioVisualTransformer, count_parameters
 
-__all__ = ["PAPER_MODEL", "AudioVisualTransformer", "count_parameters"]
+__all__ = ["AudioVisualTransformer", "count_parameters"]

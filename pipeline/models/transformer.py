@@ -19,20 +19,6 @@ from torch.utils.checkpoint import checkpoint
 from pipeline.config import ModelConfig
 from pipeline.tokenizers.layout import MODALITIES, TokenLayout
 
-PAPER_MODEL = ModelConfig(
-    embed_dim=1024,
-    depth=24,
-    num_heads=16,
-    decoder_embed_dim=1024,
-    decoder_depth=8,
-    decoder_num_heads=16,
-    mlp_ratio=4.0,
-    dropout=0.1,
-    attn_dropout=0.1,
-    detach_head_embedding=True,
-    activation_checkpointing=False,
-)
-
 LN_EPS = 1e-6  # as MAGE / timm ViT
 
 
@@ -153,72 +139,56 @@ class AudioVisualTransformer(nn.Module):
             nn.init.normal_(p, std=0.02)
         for bias in self.head_bias.values():
             nn.init.zeros_(bias)
-        if self.cfg.pos_init == "sincos":
-            with torch.no_grad():
-                for table in (self.pos_embed, self.decoder_pos_embed):
-                    table.copy_(grid_sincos(self.layout, table.shape[-1]).unsqueeze(0))
 
     def forward(
         self,
         audio_ids: torch.Tensor,
         image_ids: torch.Tensor,
         keep: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> dict[str, torch.Tensor]:
         """Logits for every position.
 
         audio_ids: (B, L_a), image_ids: (B, L_v) int64, [MASK] ids where masked.
         keep: (B, L_a + L_v) bool, the positions the encoder sees, the same count in every row
             (None: all, as in decoding).
-        Returns audio logits (B, L_a, C_a) and image logits (B, L_v, C_v).
+        Returns {"audio": (B, L_a, C_a), "image": (B, L_v, C_v)} logits.
         """
-        ids = {"audio": audio_ids, "image": image_ids}
-        masked = torch.cat([ids[m] == self.layout.modality(m).mask_id for m in MODALITIES], 1)
+        latent, hidden = self.forward_encoder({"audio": audio_ids, "image": image_ids}, keep)
+        return self.forward_decoder(latent, hidden, keep)
+
+    def forward_encoder(
+        self, ids: dict[str, torch.Tensor], keep: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder over the kept positions: (latent (B, L_kept, d), hidden (B, L) bool, the
+        positions the decoder fills with the mask embedding: [MASK] ids and dropped ones)."""
+        hidden = torch.cat([ids[m] == self.layout.modality(m).mask_id for m in MODALITIES], 1)
         x = torch.cat([self.token_embed[m](ids[m]) for m in MODALITIES], dim=1)  # (B, L, d)
-        x = x + self.pos_embed + self.modality_embed[self.modality_index]
+        x = x + self.pos_embed + self.modality_embed[self.modality_index]  # (B, L, d)
         x = self.embed_drop(self.embed_norm(x))
-        b, length, _ = x.shape
-
         if keep is not None:
-            kept = int(keep[0].sum())
+            b, kept = x.shape[0], int(keep[0].sum())
             x = x[keep].view(b, kept, -1)  # (B, L_kept, d), sequence order preserved
-        x = self.decoder_embed(self.encoder(x))
+            hidden = hidden | ~keep
+        return self.encoder(x), hidden
 
+    def forward_decoder(
+        self, latent: torch.Tensor, hidden: torch.Tensor, keep: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """latent (B, L_kept, d) back to all L positions, decoded to per-modality logits."""
+        x = self.decoder_embed(latent)  # (B, L_kept, dd)
         if keep is not None:
-            full = x.new_zeros(b, length, x.shape[-1])
+            full = x.new_zeros(*hidden.shape, x.shape[-1])  # (B, L, dd)
             x = full.masked_scatter(keep.unsqueeze(-1), x)
-            masked = masked | ~keep
-        x = torch.where(masked.unsqueeze(-1), self.mask_embed.to(x.dtype), x)
+        x = torch.where(hidden.unsqueeze(-1), self.mask_embed.to(x.dtype), x)  # (B, L, dd)
         x = x + self.decoder_pos_embed + self.decoder_modality_embed[self.modality_index]
         h = self.head_norm(F.gelu(self.head_fc(self.decoder(x))))  # (B, L, d)
-
-        logits = []
+        logits = {}
         for m in MODALITIES:
-            table = self.token_embed[m].weight[: self.layout.modality(m).codebook_size]
+            table = self.token_embed[m].weight[: self.layout.modality(m).codebook_size]  # (C, d)
             if self.cfg.detach_head_embedding:
                 table = table.detach()
-            logits.append(h[:, self.layout.span(m)] @ table.t() + self.head_bias[m])
-        return logits[0], logits[1]
-
-
-def grid_sincos(layout: TokenLayout, dim: int) -> torch.Tensor:
-    """(L_a + L_v, dim) 2-D sin-cos positions (MAE's): half the channels encode the row, half
-    the column of each token in its modality's grid, frequencies 1 / 10000^(2k / (dim / 2))."""
-
-    def axis(pos: torch.Tensor, width: int) -> torch.Tensor:
-        freq = 1.0 / 10000 ** (torch.arange(width // 2, dtype=torch.float64) / (width / 2))
-        angle = pos.double()[:, None] * freq[None]
-        return torch.cat([angle.sin(), angle.cos()], dim=1)
-
-    half = dim // 2 - (dim // 2) % 2
-    parts = []
-    for m in MODALITIES:
-        rows, cols = layout.modality(m).grid
-        r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-        table = torch.zeros(rows * cols, dim, dtype=torch.float64)
-        table[:, :half] = axis(r.reshape(-1), half)
-        table[:, half : 2 * half] = axis(c.reshape(-1), half)
-        parts.append(table)
-    return torch.cat(parts).float()
+            logits[m] = h[:, self.layout.span(m)] @ table.t() + self.head_bias[m]  # (B, L_m, C)
+        return logits
 
 
 def count_parameters(model: nn.Module) -> int:

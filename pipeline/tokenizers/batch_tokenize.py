@@ -63,7 +63,6 @@ from pipeline.data import extract
 from pipeline.data.tokens import (
     ID_DTYPE,
     MAX_CODEBOOK,
-    META_NAME,
     TOKENS_SCHEMA,
     TokensError,
     ids_numpy,
@@ -71,13 +70,12 @@ from pipeline.data.tokens import (
 )
 from pipeline.devices import usable_cores
 from pipeline.ray_runtime import ray_session, require_gpus
-from pipeline.tokenizers.layout import TokenLayout
+from pipeline.tokenizers.layout import MODALITIES, TokenLayout
 from pipeline.tokenizers.tokenizer import Tokenizer, load_tokenizers
 
 log = logging.getLogger(__name__)
 
 CACHE_SUBDIR = "tokenize"
-MODALITIES = ("image", "audio")
 PRECISIONS = ("fp32", "tf32", "bf16")
 # The driver writes a scratch chunk once it holds this many clips (~5 KB of ids each).
 SCRATCH_CHUNK_ROWS = 4096
@@ -466,9 +464,9 @@ def _compact(
 
 
 def _extract_meta(extract_dir: Path) -> dict[str, Any]:
-    if not (extract_dir / extract.META_NAME).is_file():
+    if not (extract_dir / io.META_NAME).is_file():
         raise TokenizeError(
-            f"{extract_dir} holds no extract output ({extract.META_NAME}); "
+            f"{extract_dir} holds no extract output ({io.META_NAME}); "
             "run the extract stage first"
         )
     return extract.load_meta(extract_dir)
@@ -516,7 +514,7 @@ def _run_key(extract_dir: Path, tokenizers_dir: Path, cfg: TokenizeConfig) -> st
     """Names the scratch of one set of inputs and settings."""
     digest = hashlib.sha256()
     for path in (
-        extract_dir / extract.META_NAME,
+        extract_dir / io.META_NAME,
         tokenizers_dir / "image" / "meta.json",
         tokenizers_dir / "audio" / "meta.json",
     ):
@@ -592,7 +590,7 @@ def run_tokenize(
             "encoders": encoders,
             "rows_per_file": cfg.rows_per_file,
             "files": files,
-            "extract_meta_sha256": io.sha256_file(extract_dir / extract.META_NAME),
+            "extract_meta_sha256": io.sha256_file(extract_dir / io.META_NAME),
             "columns": {
                 "image_ids": f"list<list<uint16>>: {num_frames} frames x {layout.image.length} ids "
                 f"({layout.image.grid[0]}x{layout.image.grid[1]} row-major)",
@@ -600,7 +598,7 @@ def run_tokenize(
                 f"({layout.audio.grid[0]}x{layout.audio.grid[1]} row-major, mel bands x time)",
             },
         }
-        io.write_json(tmp / META_NAME, meta)
+        io.write_json(tmp / io.META_NAME, meta)
         io.replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():

@@ -18,13 +18,13 @@ from pipeline.config import TokenizersConfig
 from pipeline.data import extract
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
+from pipeline.tokenizers.layout import MODALITIES
 from pipeline.tokenizers.tokenizer import InputSpec
 from pipeline.tokenizers.train import evaluate_tokenizer, import_pretrained, train_tokenizer
 from pipeline.tokenizers.vocoder import build_vocoder
 
 log = logging.getLogger(__name__)
 
-MODALITIES = ("image", "audio")
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline import checkpoint
+from pipeline import checkpoint, io
 from pipeline.config import VQGANArch
-from pipeline.tokenizers.layout import ModalityLayout
+from pipeline.tokenizers.layout import MODALITIES, ModalityLayout
 from pipeline.tokenizers.vqgan import VQGANConfig, VQModel
 
 KIND = {"image": "image", "audio": "mel"}
@@ -131,9 +131,9 @@ def load_tokenizers(folder: str | Path, device: str | torch.device = "cpu") -> d
     A missing folder, or one holding the other modality, is a `CheckpointError` in one sentence.
     """
     out = {}
-    for modality in ("image", "audio"):
+    for modality in MODALITIES:
         sub = Path(folder) / modality
-        if not (sub / checkpoint.META_NAME).is_file():
+        if not (sub / io.META_NAME).is_file():
             raise checkpoint.CheckpointError(
                 f"{sub} is not a tokenizer folder; run the tokenizers stage first"
             )

@@ -138,13 +138,13 @@ class Vocoder:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / checkpoint.WEIGHTS_NAME).unlink(missing_ok=True)
-        io.write_json(folder / checkpoint.META_NAME, meta)
+        io.write_json(folder / io.META_NAME, meta)
         return folder
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> Vocoder:
         folder = Path(folder)
-        meta_path = folder / checkpoint.META_NAME
+        meta_path = folder / io.META_NAME
         if not meta_path.is_file():
             raise checkpoint.CheckpointError(f"{folder} is not a vocoder folder (no meta.json)")
         meta = io.read_json(meta_path)

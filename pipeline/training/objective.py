@@ -33,11 +33,7 @@ def compute_loss(
     model: nn.Module, batch: MaskedBatch, smoothing: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(total loss, detached per-modality loss and masked-token accuracy)."""
-    logits = dict(
-        zip(
-            MODALITIES, model(batch.inputs["audio"], batch.inputs["image"], batch.keep), strict=True
-        )
-    )
+    logits = model(batch.inputs["audio"], batch.inputs["image"], batch.keep)
     total = torch.zeros((), device=logits["audio"].device)
     parts = {}
     for m in MODALITIES:

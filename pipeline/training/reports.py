@@ -48,14 +48,15 @@ def figure_ratio(masking: MaskingConfig) -> float:
     return masking.mean
 
 
-def load_tokenizers(folder: str | Path) -> dict[str, Any] | None:
+def _tokenizers_if_any(folder: str | Path) -> dict[str, Any] | None:
     """Both tokenizers on CPU, or None when `folder` lacks them (figures are then skipped)."""
-    from pipeline.tokenizers.tokenizer import load_tokenizers as load
+    from pipeline.tokenizers.tokenizer import load_tokenizers
 
-    folder = Path(folder)
-    if not all((folder / m / checkpoint.META_NAME).is_file() for m in ("audio", "image")):
+    try:
+        return load_tokenizers(folder)
+    except checkpoint.CheckpointError as err:
+        log.warning("no reconstruction figures: %s", err)
         return None
-    return load(folder)
 
 
 class WorkerHooks:
@@ -78,7 +79,7 @@ class WorkerHooks:
         if self.logger is None or len(test_split) == 0:
             return
         if not self._tokenizers_loaded:
-            self._tokenizers = load_tokenizers(self.job.tokenizers_dir)
+            self._tokenizers = _tokenizers_if_any(self.job.tokenizers_dir)
             self._tokenizers_loaded = True
         if self._tokenizers is None:
             return
@@ -186,7 +187,7 @@ def write_reports(
         keys=["train audio", "train image", "val audio", "val image"],
         title=f"masked-token cross-entropy (val at mask ratio {ratio[1:]}%)",
     )
-    tokenizers = load_tokenizers(job.tokenizers_dir)
+    tokenizers = _tokenizers_if_any(job.tokenizers_dir)
     if tokenizers is not None and len(test_split):
         figures.make_reconstruction(
             model,
