@@ -576,7 +576,7 @@ def test_rate_gate_backs_off_exponentially_then_gives_up():
     assert gate2.trip(gate2.wait()) is True
 
 
-def test_select_clips_filters_then_limits_in_clip_id_order():
+def test_select_clips_filters_then_limits_in_the_given_order():
     E = types.SimpleNamespace
     items = [
         E(clip_id=c, label=lab, split=s)
@@ -588,14 +588,17 @@ def test_select_clips_filters_then_limits_in_clip_id_order():
             ("e", "owl", "train"),
         ]
     ]
+    items.sort(key=lambda x: x.clip_id)  # as the list sources pass them
     got = select_clips(items, splits=("train",), classes=("dog", "owl"), limit=2, source="t")
     assert [x.clip_id for x in got] == ["b", "d"]
     assert [
         x.clip_id
         for x in select_clips(items, splits=("train", "test"), classes=(), limit=0, source="t")
     ] == ["a", "b", "c", "d", "e"]
-    with pytest.raises(DownloadError):
+    with pytest.raises(DownloadError, match="no clip left"):
         select_clips(items, splits=("test",), classes=("cat",), limit=0, source="t")
+    with pytest.raises(DownloadError, match="'dgo' is not a label of t; did you mean 'dog'"):
+        select_clips(items, splits=("train",), classes=("dgo",), limit=0, source="t")
 
 
 # --------------------------------------------------------------------------------------- local

@@ -14,14 +14,13 @@ from pipeline import io
 from pipeline.config import ExtractConfig, SyntheticConfig, load_params
 from pipeline.data import synthetic
 from pipeline.data.audio import log_mel
+from pipeline.data.download import DownloadError, select_clips
 from pipeline.data.manifest import video_path
 from pipeline.data.synthetic import (
     CLASSES,
     ClipSpec,
-    SyntheticError,
     generate_dataset,
     render_clip,
-    select_clips,
 )
 from pipeline.media import ffmpeg_exe, probe
 
@@ -154,29 +153,33 @@ def test_a_failed_encode_becomes_a_record_and_leaves_no_file(tmp_path, monkeypat
 # -------------------------------------------------------------------------------------- subsets
 
 
+def select(cfg, **kwargs):
+    return select_clips(synthetic.clip_specs(cfg), source="the synthetic set", **kwargs)
+
+
 def test_filters_and_limit_select_a_balanced_deterministic_subset(tmp_path):
     cfg = replace(TINY, train_per_class=3, test_per_class=2)
-    everything = select_clips(cfg, splits=ALL, classes=(), limit=0)
+    everything = select(cfg, splits=ALL, classes=(), limit=0)
     assert len(everything) == len(set(everything)) == 4 * 5
 
-    tests = select_clips(cfg, splits=("test",), classes=(), limit=0)
+    tests = select(cfg, splits=("test",), classes=(), limit=0)
     assert {s.split for s in tests} == {"test"} and len(tests) == 8
 
     picked = (CLASSES[1].label, CLASSES[3].label)
-    some = select_clips(cfg, splits=("train",), classes=picked, limit=0)
+    some = select(cfg, splits=("train",), classes=picked, limit=0)
     assert {(s.class_index, s.split) for s in some} == {(1, "train"), (3, "train")}
     assert len(some) == 6
 
-    first = select_clips(cfg, splits=ALL, classes=(), limit=6)
+    first = select(cfg, splits=ALL, classes=(), limit=6)
     assert first == everything[:6]
     assert sorted(s.class_index for s in first if s.split == "train") == [0, 1, 2, 3]
 
-    with pytest.raises(SyntheticError, match="not a synthetic label"):
-        select_clips(cfg, splits=ALL, classes=("dog barking",), limit=0)
-    with pytest.raises(SyntheticError, match="not a synthetic label"):
-        select_clips(cfg, splits=ALL, classes=(CLASSES[7].label,), limit=0)  # only 4 classes
-    with pytest.raises(SyntheticError, match="no synthetic clip"):
-        select_clips(cfg, splits=(), classes=(), limit=0)
+    with pytest.raises(DownloadError, match="'dog barking' is not a label of the synthetic set"):
+        select(cfg, splits=ALL, classes=("dog barking",), limit=0)
+    with pytest.raises(DownloadError, match="is not a label"):
+        select(cfg, splits=ALL, classes=(CLASSES[7].label,), limit=0)  # only 4 classes
+    with pytest.raises(DownloadError, match="no clip left"):
+        select(cfg, splits=(), classes=(), limit=0)
 
     records = _generate(cfg, tmp_path, splits=("test",), classes=(CLASSES[0].label,), limit=1)
     assert [r.clip_id for r in records] == [ClipSpec(0, "test", 0).clip_id]

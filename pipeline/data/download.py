@@ -22,6 +22,7 @@ post-processor runs on it), and the verification uses `pipeline.media.probe`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import email.utils
 import logging
 import os
@@ -220,19 +221,25 @@ T = TypeVar("T", bound=Selectable)
 def select_clips(
     items: Iterable[T], *, splits: Sequence[str], classes: Sequence[str], limit: int, source: str
 ) -> list[T]:
-    """Items of the wanted splits and classes, sorted by clip id, then the first `limit` (0: all).
+    """Items of the wanted splits and classes, in the given order, then the first `limit` (0:
+    all). Every source selects with this: VGGSound and local lists pass their rows sorted by
+    clip id, the synthetic set its class-balanced order.
 
-    Raises `DownloadError` when nothing is left.
+    Raises `DownloadError` for a class that is no label of `source` (a typo would otherwise
+    select nothing, or less than meant) and when nothing is left.
     """
     items = list(items)
+    labels = sorted({x.label for x in items})
+    for name in classes:
+        if name not in labels:
+            close = difflib.get_close_matches(name, labels, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            known = f" (its labels: {'; '.join(labels)})" if len(labels) <= 20 else ""
+            raise DownloadError(
+                f"download.classes: {name!r} is not a label of {source}{hint}{known}"
+            )
     wanted = set(classes)
-    unknown = wanted - {x.label for x in items}
-    if unknown:
-        log.warning("%s: classes not in the list: %s", source, ", ".join(sorted(unknown)))
-    kept = sorted(
-        (x for x in items if x.split in splits and (not wanted or x.label in wanted)),
-        key=lambda x: x.clip_id,
-    )
+    kept = [x for x in items if x.split in splits and (not wanted or x.label in wanted)]
     if limit:
         kept = kept[:limit]
     if not kept:
@@ -472,7 +479,11 @@ def download_vggsound(
     if vcfg.cookiefile and not Path(vcfg.cookiefile).is_file():
         raise DownloadError("download.vggsound.cookiefile does not point to a file")
     selected = select_clips(
-        entries, splits=cfg.splits, classes=cfg.classes, limit=cfg.limit, source=vcfg.csv
+        sorted(entries, key=lambda e: e.clip_id),
+        splits=cfg.splits,
+        classes=cfg.classes,
+        limit=cfg.limit,
+        source=vcfg.csv,
     )
     shutil.rmtree(clips_dir / WORK_DIR, ignore_errors=True)
     stale = io.remove_stale_temporaries(clips_dir)

@@ -114,7 +114,8 @@ def download_local(
     for bad in rejected:
         log.warning("%s: skipped %s", lcfg.labels_csv, bad.reason)
     selected = select_clips(
-        entries, splits=cfg.splits, classes=cfg.classes, limit=cfg.limit, source=lcfg.labels_csv
+        sorted(entries, key=lambda e: e.clip_id),
+        splits=cfg.splits, classes=cfg.classes, limit=cfg.limit, source=lcfg.labels_csv
     )
     io.remove_stale_temporaries(clips_dir)
     prev = {r.clip_id: r for r in previous}

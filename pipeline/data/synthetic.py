@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 from pipeline import io
 from pipeline.config import SyntheticConfig
+from pipeline.data.download import select_clips
 from pipeline.data.manifest import ClipRecord, video_path
-from pipeline.errors import PipelineError
 from pipeline.media import MediaError, ffmpeg_exe, probe
 
 log = logging.getLogger(__name__)
@@ -86,10 +86,6 @@ FRAME_CHUNK = 8
 
 
 # ------------------------------------------------------------------------------------ the classes
-
-
-class SyntheticError(PipelineError, ValueError):
-    """A selection that names an unknown label or keeps no clip at all."""
 
 
 @dataclass(frozen=True)
@@ -217,28 +213,6 @@ def clip_specs(cfg: SyntheticConfig) -> list[ClipSpec]:
             if index < per_class:
                 specs.extend(ClipSpec(c, split, index) for c in range(cfg.num_classes))
     return specs
-
-
-def select_clips(
-    cfg: SyntheticConfig, *, splits: tuple[str, ...], classes: tuple[str, ...], limit: int
-) -> list[ClipSpec]:
-    """The clips kept by the split and label filters, then the first `limit` (0: all).
-
-    Raises `SyntheticError` for a label that is not one of the first `cfg.num_classes` classes
-    and when no clip is left.
-    """
-    known = [c.label for c in CLASSES[: cfg.num_classes]]
-    unknown = [name for name in classes if name not in known]
-    if unknown:
-        raise SyntheticError(
-            f"download.classes: {unknown[0]!r} is not a synthetic label (known: {'; '.join(known)})"
-        )
-    specs = [
-        s for s in clip_specs(cfg) if s.split in splits and (not classes or s.label in classes)
-    ]
-    if not specs:
-        raise SyntheticError(f"download.splits: no synthetic clip is in splits {list(splits)}")
-    return specs[:limit] if limit else specs
 
 
 # -------------------------------------------------------------------------------------- rendering
@@ -842,7 +816,9 @@ def generate_dataset(
     that failed has status "other" and the error.
     """
     clips_dir = Path(clips_dir)
-    specs = select_clips(cfg, splits=splits, classes=classes, limit=limit)
+    specs = select_clips(
+        clip_specs(cfg), splits=splits, classes=classes, limit=limit, source="the synthetic set"
+    )
     clips_dir.mkdir(parents=True, exist_ok=True)
     stale = io.remove_stale_temporaries(clips_dir)
     if stale:
