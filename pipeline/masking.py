@@ -33,10 +33,10 @@ def sample_ratios(cfg: MaskingConfig, n: int, generator: torch.Generator) -> tor
 
 
 def count_for(ratio: torch.Tensor | float, length: int) -> torch.Tensor:
-    """Positions that ratio r of `length` covers: ceil(r·L), at least 1 and at most L."""
+    """Positions that ratio r of `length` covers: ceil(r·L) in [0, L] (r = 0 masks nothing)."""
     r = torch.as_tensor(ratio, dtype=torch.float64)
     # The tiny epsilon keeps 0.5·L = 132.50000000000003 from becoming 133.
-    return torch.ceil(r * length - 1e-9).clamp(1, length).long()
+    return torch.ceil(r * length - 1e-9).clamp(0, length).long()
 
 
 def random_subset(
@@ -104,7 +104,7 @@ def mask_for_training(
     target = None
     if cfg.conditional > 0:
         # Pure conditional samples: the target modality all masked, the condition all visible
-        # (ratio 0 still masks one position: count_for's minimum).
+        # (ratio 0), as decoding sees them.
         chosen = torch.rand(batch, generator=generator, dtype=torch.float64) < cfg.conditional
         audio = torch.rand(batch, generator=generator, dtype=torch.float64) < 0.5
         target = {"audio": chosen & audio, "image": chosen & ~audio, "any": chosen}

@@ -168,3 +168,15 @@ def test_paper_training_flops_match_the_reference_count():
     assert flops.encoder / 1e9 == pytest.approx(164.3, rel=0.01)
     assert flops.training / 1e9 == pytest.approx(843, rel=0.01)
     assert flops_per_sample(model, paper, 0.0).forward / 1e9 == pytest.approx(458, rel=0.01)
+
+
+def test_a_modality_with_nothing_masked_adds_no_loss():
+    """A batch whose samples all show the audio (conditional audio->image samples): the audio
+    term is 0, not NaN, and the backward pass still runs."""
+    model = _model()
+    batch = _batch()
+    batch.masked["audio"].zero_()
+    loss, parts = compute_loss(model, batch, 0.1)
+    assert parts["loss_audio"] == 0 and parts["acc_audio"] == 0
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()

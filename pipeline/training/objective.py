@@ -18,14 +18,20 @@ from pipeline.tokenizers.layout import MODALITIES
 def masked_cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor, smoothing: float
 ) -> torch.Tensor:
-    """logits (B, L, C), targets (B, L) int64, masked (B, L) bool -> mean CE over masked, fp32."""
+    """logits (B, L, C), targets (B, L) int64, masked (B, L) bool -> mean CE over masked, fp32;
+    0 (with the graph kept) when nothing is masked, e.g. a batch of conditional samples that all
+    show this modality."""
+    if not masked.any():
+        return logits.float().sum() * 0.0
     return F.cross_entropy(logits[masked].float(), targets[masked], label_smoothing=smoothing)
 
 
 def masked_accuracy(
     logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor
 ) -> torch.Tensor:
-    """Fraction of masked positions whose argmax is the target."""
+    """Fraction of masked positions whose argmax is the target (0 when nothing is masked)."""
+    if not masked.any():
+        return logits.new_zeros(())
     return (logits[masked].argmax(-1) == targets[masked]).float().mean()
 
 
