@@ -13,7 +13,7 @@ import json
 import re
 import typing
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -164,6 +164,6 @@ class Lock:
 
     def record(self, name: str, url: str, download: dict, file: dict) -> None:
         """Add `name`'s hashes (each {size, sha256}) and write the file atomically."""
-        when = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+        when = datetime.now(UTC).strftime("%Y-%m-%d")
         self.entries[name] = {"url": url, "recorded": when, "download": download, "file": file}
         io.write_json(self.path, self.entries)
