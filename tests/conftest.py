@@ -483,3 +483,16 @@ def empty_mlflow_db(tmp_path_factory) -> Path:
 def stage_project(tmp_path, empty_mlflow_db) -> StageProject:
     """A `StageProject` in a fresh temporary folder."""
     return StageProject(tmp_path / "project", empty_mlflow_db)
+
+
+# ------------------------------------------- checkpoint / official: the released weight files
+
+
+@pytest.fixture(scope="session")
+def official_files(tmp_path_factory):
+    """Stand-ins of the official weight files in their released layouts, random weights at the
+    official sizes (tests/official_layouts.py): `official_files.get("panns", ...)` builds each
+    once per session, in a child process with stand-in producer packages."""
+    from official_layouts import OfficialFiles
+
+    return OfficialFiles(tmp_path_factory.mktemp("official-files"))
