@@ -83,11 +83,11 @@ class Placeholder:
     """Stands in for a class that a checkpoint names and this reader never imports.
 
     Subclasses are made per dotted name (`placeholder`); an instance records the arguments it
-    was built or called with (`args`) and the state the pickle set (`state`), nothing else.
+    was built or called with (`args`) and the state the pickle set (`state`), nothing else: it
+    has no other attribute a file could set (`__slots__`).
     """
 
-    args: tuple[Any, ...]
-    state: Any
+    __slots__ = ("args", "state")
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Placeholder:
         obj = super().__new__(cls)
@@ -108,7 +108,8 @@ def placeholder(full_name: str) -> type[Placeholder]:
     """A new `Placeholder` subclass named `full_name` ("module.Class": the protocol-2 pickles of
     torch.save name no nested class)."""
     module, _, name = full_name.rpartition(".")
-    return type(name, (Placeholder,), {"__module__": module, "__qualname__": name})
+    attrs = {"__module__": module, "__qualname__": name, "__slots__": ()}
+    return type(name, (Placeholder,), attrs)
 
 
 def _plain_dict(*args: Any) -> dict:

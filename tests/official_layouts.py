@@ -224,19 +224,11 @@ class OfficialFiles:
 # ------------------------------------------------------------------------- in the child process
 
 
-def _random_state(factory: Any, seed: int, meta: bool = True) -> OrderedDict[str, torch.Tensor]:
-    """The state dict of `factory()` with seeded random values (the model built on the meta
-    device, unless `meta` is false: torchlibrosa fills its kernels from NumPy)."""
-    with torch.device("meta" if meta else "cpu"):
-        shapes = factory().state_dict()
-    g = torch.Generator().manual_seed(seed)
-    out: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for key, t in shapes.items():
-        if t.dtype.is_floating_point:
-            out[key] = (0.02 * torch.randn(t.shape, generator=g)).to(t.dtype)
-        else:
-            out[key] = torch.randint(0, 1000, t.shape, generator=g, dtype=t.dtype)
-    return out
+def _random_state(factory: Any, seed: int) -> OrderedDict[str, torch.Tensor]:
+    """The state dict of `factory()` as torch initialises it (random weights, BatchNorm
+    statistics at 0 and 1, frozen front ends as built), from `seed`."""
+    torch.manual_seed(seed)
+    return OrderedDict(factory().state_dict())
 
 
 def _adam(state: Mapping[str, torch.Tensor], lr: float) -> dict[str, Any]:
@@ -394,7 +386,7 @@ def _build_one(name: str, folder: Path, cache: dict[str, Any]) -> str:
     if name == "panns":
         from pipeline.metrics.extractors.panns import CLASSES_NUM, Cnn14
 
-        model = _random_state(Cnn14, 3, meta=False)
+        model = _random_state(Cnn14, 3)
         rng = np.random.RandomState(0)
         sampler = {  # BalancedTrainSampler.state_dict(): per-class index arrays, a class queue
             "indexes_per_class": [np.sort(rng.choice(5000, 3, replace=False)) for _ in
