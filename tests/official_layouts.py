@@ -122,10 +122,21 @@ class AnyNode(ValueNode):
         super().__init__(parent, value, metadata)
 """,
     "omegaconf/basecontainer.py": """\
-from omegaconf.base import Container
+from typing import Any
+
+from omegaconf.base import Container, ContainerMetadata
 
 
 class BaseContainer(Container):
+    object_type = None
+
+    def __init__(self, content, key=None, parent=None, ref_type=Any, is_optional=True):
+        metadata = ContainerMetadata(
+            ref_type=ref_type, object_type=self.object_type, optional=is_optional, key=key
+        )
+        super().__init__(parent, metadata)
+        self.__dict__["_content"] = self.wrap_content(content)
+
     def __getstate__(self):
         return self.__dict__
 
@@ -145,34 +156,22 @@ def wrap(value, key, parent):
     return AnyNode(value, key=key, parent=parent)
 """,
     "omegaconf/dictconfig.py": """\
-from typing import Any
-
-from omegaconf.base import ContainerMetadata
 from omegaconf.basecontainer import BaseContainer, wrap
 
 
 class DictConfig(BaseContainer):
-    def __init__(self, content, key=None, parent=None, ref_type=Any, is_optional=True):
-        metadata = ContainerMetadata(
-            ref_type=ref_type, object_type=None, optional=is_optional, key=key
-        )
-        super().__init__(parent, metadata)
-        self.__dict__["_content"] = {k: wrap(v, k, self) for k, v in content.items()}
+    def wrap_content(self, content):
+        return {k: wrap(v, k, self) for k, v in content.items()}
 """,
     "omegaconf/listconfig.py": """\
-from typing import Any
-
-from omegaconf.base import ContainerMetadata
 from omegaconf.basecontainer import BaseContainer, wrap
 
 
 class ListConfig(BaseContainer):
-    def __init__(self, content, key=None, parent=None, ref_type=Any, is_optional=True):
-        metadata = ContainerMetadata(
-            ref_type=ref_type, object_type=list, optional=is_optional, key=key
-        )
-        super().__init__(parent, metadata)
-        self.__dict__["_content"] = [wrap(v, i, self) for i, v in enumerate(content)]
+    object_type = list
+
+    def wrap_content(self, content):
+        return [wrap(v, i, self) for i, v in enumerate(content)]
 """,
 }
 
