@@ -1,21 +1,56 @@
-"""Checkpoints: reading official weight files safely, and the project's weights + meta.json.
+"""Checkpoints: reading weight files safely, and the project's weights + meta.json.
 
-Every load goes through `safe_load`, i.e. `torch.load(weights_only=True)`: a file that needs code
-execution to unpickle is refused. Official files come in several nestings (Lightning's `{"state_dict": ...}`,
-a bare state dict, DDP's `module.` or torch.compile's `_orig_mod.` prefixes); `read_state_dict`
-flattens them all. The project's own checkpoints are a folder with `weights.pt` (an unwrapped
-state dict) and `meta.json` (model config, layout, step, source revision, sha256).
+Reading. `safe_load` is the one place a checkpoint file is unpickled, and nothing in a file is
+ever imported or executed. Official files come as their authors' training code saved them
+(docs/references.md, "Official weight files"): Lightning checkpoints whose `callbacks` are keyed
+by the callback class (Lightning < 1.5) and whose `hyper_parameters` may hold OmegaConf
+containers, PANNs' `{"iteration", "model", "sampler"}` with NumPy arrays in the sampler state, bare
+state dicts, in the zip format or the legacy one (torch < 1.6). Before a byte is unpickled, every
+global the pickle names (its GLOBAL opcodes: the module and name of a class or function) is put in
+one of four kinds:
+
+1. torch's own weights-only allowlist: tensor and storage rebuilders, dtypes, `torch.Size`,
+   `collections.OrderedDict`, ...;
+2. readers of plain data, the real functions: NumPy arrays, scalars and dtypes
+   (`numpy.core.multiarray._reconstruct` / `scalar`, also spelt `numpy._core...` by NumPy >= 2,
+   `numpy.ndarray`, `numpy.dtype` and its DType classes), and `collections.defaultdict`, read as a
+   plain dict (its default factory is dropped);
+3. inert placeholders: a class name (CapWords) from any module outside Python's standard library,
+   torch and NumPy, i.e. the producers' own classes (`pytorch_lightning.callbacks.model_checkpoint
+   .ModelCheckpoint`, `omegaconf.dictconfig.DictConfig`, `omegaconf.nodes.AnyNode`, ...), the type
+   names such containers hold as values (`typing.Any`, `builtins.dict`, ...) and NumPy random
+   generator state (`numpy.random.*`). Each becomes a `Placeholder` subclass made here under the
+   same dotted name: building it, calling it or setting its state only records what the file
+   gave; it has no other behaviour, and its module is never imported;
+4. anything else is refused before loading, with a CheckpointError naming the global: functions
+   and private names (`os.system`, `builtins.eval`, `torch.load`, `numpy.load`, ...) and every
+   other part of the standard library (`subprocess.Popen`, `builtins.getattr`, ...).
+
+The file is then read by `torch.load(weights_only=True)` with kinds 2 and 3 registered under their
+exact names (`torch.serialization.safe_globals`): torch's restricted unpickler stays the only code
+that interprets the bytes, and it refuses on its own anything the scan missed. `read_state_dict`
+then flattens the nestings (`{"state_dict": ...}`, `{"model": ...}`, DDP's `module.` and
+torch.compile's `_orig_mod.` prefixes) to the tensors.
+
+The project's own checkpoints are a folder with `weights.pt` (an unwrapped state dict) and
+`meta.json` (model config, layout, step, source revision, sha256).
 """
 
 from __future__ import annotations
 
+import io as stdio
 import pickle
+import pickletools
+import re
+import sys
+import threading
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,10 +59,156 @@ from pipeline.errors import PipelineError
 
 WEIGHTS_NAME = "weights.pt"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_ZIP_MAGIC = b"PK\x03\x04"
+# The legacy format is five pickles in a row (magic number, protocol, system info, the object,
+# storage keys) followed by raw storage bytes.
+_LEGACY_PICKLES = 5
+# Type objects that training code keeps as values (OmegaConf's metadata holds `ref_type=Any`,
+# `object_type=dict`, ...): read as placeholders, never as the real types.
+_TYPE_NAMES = frozenset(
+    ["typing.Any"]
+    + [f"builtins.{t}" for t in ("object", "dict", "list", "tuple", "set", "str", "bytes")]
+    + [f"builtins.{t}" for t in ("int", "float", "bool", "complex", "type")]
+)
+_MAX_NAMED = 3
+_LOAD_LOCK = threading.Lock()
 
 
 class CheckpointError(PipelineError):
     """A checkpoint file that is missing, corrupt, unsafe or for another architecture."""
+
+
+class Placeholder:
+    """Stands in for a class that a checkpoint names and this reader never imports.
+
+    Subclasses are made per dotted name (`placeholder`); an instance records the arguments it
+    was built or called with (`args`) and the state the pickle set (`state`), nothing else: it
+    has no other attribute a file could set (`__slots__`).
+    """
+
+    __slots__ = ("args", "state")
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Placeholder:
+        obj = super().__new__(cls)
+        obj.args, obj.state = args, None
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<placeholder {type(self).__module__}.{type(self).__qualname__}>"
+
+
+def placeholder(full_name: str) -> type[Placeholder]:
+    """A new `Placeholder` subclass named `full_name` ("module.Class": the protocol-2 pickles of
+    torch.save name no nested class)."""
+    module, _, name = full_name.rpartition(".")
+    attrs = {"__module__": module, "__qualname__": name, "__slots__": ()}
+    return type(name, (Placeholder,), attrs)
+
+
+def _plain_dict(*args: Any) -> dict:
+    """`collections.defaultdict(factory)` read as an empty plain dict; the pickle's SETITEMS
+    fill it."""
+    return {}
+
+
+def _readers() -> dict[str, Any]:
+    """Kind 2 of the module doc: dotted name -> the real function or class that builds it."""
+    reconstruct, scalar = np.ndarray((0,)).__reduce__()[0], np.int64(0).__reduce__()[0]
+    readers: dict[str, Any] = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        readers[f"{module}._reconstruct"] = reconstruct
+        readers[f"{module}.scalar"] = scalar
+    # torch lets a pickle set the state (BUILD) of registered types only: a dtype's is its DType.
+    for code in np.typecodes["All"]:
+        kind = type(np.dtype(code))
+        readers[f"{kind.__module__}.{kind.__qualname__}"] = kind
+    readers["collections.defaultdict"] = _plain_dict
+    return readers
+
+
+def _renamed(full_name: str, modules: Mapping[str, str], names: Mapping) -> str:
+    module, _, name = full_name.rpartition(".")
+    if (module, name) in names:
+        return ".".join(names[(module, name)])
+    return f"{modules.get(module, module)}.{name}"
+
+
+def _as_torch_reads(full_name: str) -> str:
+    """The name torch's reader looks up for a global as written (torch.save writes protocol 2,
+    with Python 2 module names such as `__builtin__`)."""
+    from torch._utils import IMPORT_MAPPING, NAME_MAPPING
+
+    return _renamed(full_name, IMPORT_MAPPING, NAME_MAPPING)
+
+
+def _as_python_reads(full_name: str) -> str:
+    """The object Python's own unpickler would import for it (it maps more Python 2 names than
+    torch, e.g. `commands` to `subprocess`): what the name means, for judging it."""
+    import _compat_pickle
+
+    return _renamed(full_name, _compat_pickle.IMPORT_MAPPING, _compat_pickle.NAME_MAPPING)
+
+
+def _torch_allowed() -> set[str]:
+    """torch's default weights-only allowlist (the table behind `weights_only=True`;
+    `torch.serialization.get_unsafe_globals_in_checkpoint` reads it too, for zip files only)."""
+    from torch import _weights_only_unpickler
+
+    return set(_weights_only_unpickler._get_allowed_globals())
+
+
+def _refused(full_name: str) -> bool:
+    """Kind 4 of the module doc; called only for names that are not of kinds 1 and 2."""
+    if full_name in _TYPE_NAMES:
+        return False
+    module, _, name = full_name.rpartition(".")
+    top = module.partition(".")[0]
+    if top == "numpy" and (module == "numpy.random" or module.startswith("numpy.random.")):
+        return False
+    if top in sys.stdlib_module_names or top in ("torch", "numpy"):
+        return True
+    parts = full_name.split(".")
+    return not (all(p.isidentifier() for p in parts) and parts[-1][:1].isupper())
+
+
+def pickle_globals(path: str | Path) -> set[str]:
+    """Every global ("module.name", as written) that the pickles of a torch.save file name.
+
+    Zip format: its `<archive>/data.pkl`; legacy format: its leading pickles. Raises
+    CheckpointError for a file that is neither.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) == _ZIP_MAGIC:
+                with zipfile.ZipFile(f) as archive:
+                    names = [n for n in archive.namelist() if re.fullmatch(r"[^/]+/data\.pkl", n)]
+                    if not names:
+                        raise ValueError("a zip file without data.pkl")
+                    return _globals_in(stdio.BytesIO(archive.read(names[0])), 1)
+            f.seek(0)
+            return _globals_in(f, _LEGACY_PICKLES)
+    except (ValueError, EOFError, zipfile.BadZipFile, OSError) as err:
+        first = _first_sentence(err)
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({first})") from None
+
+
+def _globals_in(stream: Any, pickles: int) -> set[str]:
+    """The globals of the next `pickles` pickles in `stream` (torch's reader supports no other
+    opcode that names one)."""
+    found: set[str] = set()
+    for _ in range(pickles):
+        for opcode, arg, _pos in pickletools.genops(stream):
+            if opcode.name == "GLOBAL":
+                module, name = arg.split(" ", 1)
+                found.add(f"{module}.{name}")
+    return found
 
 
 @dataclass(frozen=True)
@@ -53,25 +234,59 @@ def read_state_dict(path: str | Path) -> StateDict:
 
 
 def safe_load(path: str | Path) -> Any:
-    """`torch.load(path, weights_only=True)` on the CPU: tensors and plain containers only.
+    """The object a torch.save file holds, read on the CPU as the module doc says: tensors, plain
+    containers, NumPy arrays, and placeholders for other classes.
 
-    The one place a checkpoint file is unpickled. Raises CheckpointError with one sentence for a
-    missing, truncated or non-checkpoint file, and for one that needs code execution to load.
+    Raises CheckpointError with one sentence for a missing, truncated or non-checkpoint file, and
+    for one that names a global that could run code (the sentence names it).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = _first_sentence(err)
+    readers = _readers()
+    stand_ins, refused = _sort_globals(pickle_globals(path), readers)
+    if refused:
+        shown = ", ".join(refused[:_MAX_NAMED])
+        more = f" and {len(refused) - _MAX_NAMED} more" if len(refused) > _MAX_NAMED else ""
         raise CheckpointError(
-            f"checkpoint {path} was refused: it needs more than plain tensors to load "
-            f"(weights_only=True: {first})"
+            f"checkpoint {path} was refused: it names {shown}{more}, which loading would import "
+            "or call (only tensors, plain containers, NumPy arrays and inert stand-ins for other "
+            "classes are read)"
+        )
+    registered = [(obj, name) for name, obj in readers.items()]
+    registered += [(placeholder(name), name) for name in stand_ins]
+    try:
+        # safe_globals edits a process-wide table: one load at a time keeps each load's own.
+        with _LOAD_LOCK, torch.serialization.safe_globals(registered):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # Only what the scan cannot see gets here (an opcode torch's reader does not support).
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(err), re.S)
+        detail = " ".join(found[1].split()) if found else _first_sentence(err)
+        raise CheckpointError(
+            f"checkpoint {path} was refused by torch's weights-only reader ({detail})"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         first = _first_sentence(err)
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({first})") from None
+
+
+def _sort_globals(
+    written: Iterable[str], readers: Mapping[str, Any]
+) -> tuple[list[str], list[str]]:
+    """(names to read as placeholders, as torch looks them up; refused names, as Python would
+    import them) of the globals a file names; kinds 1 and 2 of the module doc are in neither."""
+    allowed = _torch_allowed()
+    stand_ins, refused = [], []
+    for name in sorted(written):
+        looked_up, meaning = _as_torch_reads(name), _as_python_reads(name)
+        if looked_up in allowed or looked_up in readers:
+            continue
+        if _refused(looked_up) or _refused(meaning):
+            refused.append(meaning if meaning == looked_up else f"{meaning} (written {name})")
+        else:
+            stand_ins.append(looked_up)
+    return stand_ins, refused
 
 
 def _first_sentence(err: BaseException) -> str:

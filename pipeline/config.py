@@ -592,6 +592,10 @@ class EvaluateConfig:
     figure_clips: int = doc("Rows of the Fig. 6-style figure.")
     num_actors: int = doc("Ray Data generation actors.")
     num_gpus_per_actor: float = doc("GPUs per generation actor (0 on CPU).")
+    repeats: int = doc(
+        "Generation runs per task and scale, each with its own seeds; the metrics are their "
+        "mean, with each run's values beside it (the paper averages 2)."
+    )
 
     def __post_init__(self) -> None:
         _check(bool(self.tasks), "tasks", "must name at least one task")
@@ -606,6 +610,7 @@ class EvaluateConfig:
             _check(getattr(self, name) >= 0, name, "must not be negative")
         _check(self.num_actors >= 1, "num_actors", "must be at least 1")
         _check(self.num_gpus_per_actor >= 0, "num_gpus_per_actor", "must not be negative")
+        _check(1 <= self.repeats <= 100, "repeats", "must be between 1 and 100")
 
 
 SWEEP_METRICS = ("acc_local", "fd_local", "is_local", "cs_local")

@@ -671,6 +671,7 @@ def test_params_yaml_has_the_evaluation_sections(raw):
         ("evaluate", "max_clips", -1, r"^evaluate\.max_clips: must not be negative"),
         ("evaluate", "tasks", ["image2audio", "video2text"], r"^evaluate\.tasks: 'video2text'"),
         ("evaluate", "guidance", [], r"^evaluate\.guidance: must be a non-empty"),
+        ("evaluate", "repeats", 0, r"^evaluate\.repeats: must be between 1 and 100"),
         ("sweep", "steps", [], r"^sweep\.steps: must list at least one value"),
         ("sweep", "steps", [8, 0], r"^sweep\.steps: must all be at least 1"),
         ("evaluator", "joint_temperature", 0.0, r"^evaluator\.joint_temperature: must be"),

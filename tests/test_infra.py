@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from pipeline.config import load_params
+from pipeline.evaluation.official import PAPER_RUNS
 from pipeline.models import AudioVisualTransformer, count_parameters
 from pipeline.profiles import apply_profile
 from pipeline.tokenizers.layout import ModalityLayout, TokenLayout
@@ -221,6 +222,7 @@ def test_paper_profile_is_the_papers_data_tokenizers_and_decoding(paper):
     g = paper.generate
     assert (g.steps, g.temperature, g.guidance) == (30, 9.0, 3.0)
     assert paper.evaluate.max_clips == 0
+    assert paper.evaluate.repeats == PAPER_RUNS == 2  # Table 1 averages two generation runs
     assert paper.tokenize.num_gpus_per_actor == 1
     assert paper.train.precision == "fp16"
 

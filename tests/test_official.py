@@ -1,11 +1,13 @@
 """pipeline.evaluation.official: loading the configured official files, streaming clips through
-the four extractors, the labelled scores and their paper-comparability, and reference audio.
+the four extractors, the labelled scores and their paper-comparability, IS in clip-id order, the
+average of generation runs, and reference audio.
 
-The checkpoints are randomly initialised official architectures saved in their official
-nestings: they exercise the plumbing and never give a metric value worth reading. The PANNs FD
-is 2048-d, where scipy's sqrtm takes about a minute on a busy 2-core box; tests that score a
-PANNs set swap in `_low_rank_frechet`, the same distance computed exactly through the low rank
-of a covariance of few rows, itself checked against `frechet_distance`.
+The checkpoints are random weights of the official architectures saved in their released
+layouts (conftest's `official_files`): they exercise the plumbing and never give a metric value
+worth reading. The PANNs FD is 2048-d, where scipy's sqrtm takes about a minute on a busy 2-core
+box; tests that score a PANNs set swap in conftest's `low_rank_frechet`, the same distance
+computed exactly through the low rank of a covariance of few rows, itself checked against
+`frechet_distance` here.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from conftest import low_rank_frechet
 
 from pipeline import io
 from pipeline.checkpoint import CheckpointError
@@ -25,8 +27,8 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation import official
 from pipeline.evaluation.official import OfficialMetrics, OfficialMetricsError, reference_audio
 from pipeline.media import ffmpeg_exe
-from pipeline.metrics.extractors import audio_io, clip_image, panns, vggish, wav2clip
-from pipeline.metrics.math import GaussianStats, frechet_distance
+from pipeline.metrics.extractors import audio_io
+from pipeline.metrics.math import GaussianStats, frechet_distance, inception_score
 
 RATE = 22050
 SECONDS = 2.0  # the 32000-sample padding makes anything shorter cost the same
@@ -57,21 +59,6 @@ def _noises(n: int) -> list[np.ndarray]:
     return [_noise(100 + k) for k in range(n)]
 
 
-def _low_rank_frechet(a: GaussianStats, b: GaussianStats) -> float:
-    """‖μa − μb‖² + tr Σa + tr Σb − 2 tr (Σa^½ Σb Σa^½)^½, exact when rank Σa < a.n + 4.
-
-    Σa of n rows has rank ≤ n − 1, so k = n + 4 random directions of Σa span its range; with
-    Σa = H Hᵀ (H: d × k), the eigenvalues of Hᵀ Σb H are the nonzero ones of Σa Σb. O(d² n).
-    """
-    k = min(a.dim, a.n + 4)
-    q, _ = np.linalg.qr(a.sigma @ np.random.RandomState(0).randn(a.dim, k))
-    w, v = np.linalg.eigh(q.T @ a.sigma @ q)
-    half = q @ (v * np.sqrt(np.clip(w, 0, None)))
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(half.T @ b.sigma @ half), 0, None)).sum()
-    diff = a.mu - b.mu
-    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * tr_covmean)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """Two OpenMP threads on a shared 2-core box spin against the other jobs: one thread runs
@@ -84,7 +71,7 @@ def one_torch_thread():
 
 @pytest.fixture
 def fast_frechet(monkeypatch):
-    monkeypatch.setattr(official, "frechet_distance", _low_rank_frechet)
+    monkeypatch.setattr(official, "frechet_distance", low_rank_frechet)
 
 
 @pytest.mark.parametrize("n", [12, 200])
@@ -92,46 +79,19 @@ def test_the_low_rank_stand_in_is_the_frechet_distance(n):
     rng = np.random.RandomState(n)
     a = GaussianStats.from_features(np.maximum(rng.randn(n, 64), 0))
     b = GaussianStats.from_features(np.maximum(rng.randn(n + 3, 64) + 0.2, 0))
-    assert _low_rank_frechet(a, b) == pytest.approx(frechet_distance(a, b), rel=1e-7)
-    assert abs(_low_rank_frechet(a, a)) < 1e-6 * np.trace(a.sigma)
+    assert low_rank_frechet(a, b) == pytest.approx(frechet_distance(a, b), rel=1e-7)
+    assert abs(low_rank_frechet(a, a)) < 1e-6 * np.trace(a.sigma)
 
 
 # ----------------------------------------------------------------------------- official files
 
 
-class _ClipArchive(nn.Module):
-    """OpenAI's TorchScript layout: `visual.*` next to the text tower (here one tensor of it)."""
-
-    def __init__(self, visual: nn.Module) -> None:
-        super().__init__()
-        self.visual = visual
-        self.logit_scale = nn.Parameter(torch.ones((), dtype=torch.float16), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> OfficialExtractorsConfig:
-    """The four networks, random weights, saved as their official files are nested."""
-    folder = tmp_path_factory.mktemp("official")
-    torch.manual_seed(0)
-    paths = {field: folder / name for field, name in zip(FIELDS, (
-        "Cnn14_16k_mAP=0.438.pth", "vggish-10086976.pth", "ViT-B-32.pt", "Wav2CLIP.pt",
-    ), strict=True)}  # fmt: skip
-    # PANNs' training script: {"model", "iteration", "sampler"} with numpy arrays in the sampler.
-    sampler = {"indexes_per_class": [np.arange(3)], "queue": [np.int64(1)]}
-    state = panns.Cnn14().state_dict()
-    torch.save({"model": state, "iteration": 0, "sampler": sampler}, paths["panns_cnn14_16k"])
-    torch.save(vggish.VGGish().state_dict(), paths["vggish"])  # torchvggish: a bare state dict
-    visual = clip_image.ClipImageEncoder().visual.half()  # OpenAI ships float16
-    archive = torch.jit.trace(_ClipArchive(visual).eval(), torch.zeros(1), check_trace=False)
-    torch.jit.save(archive, str(paths["clip_vit_b32"]))
-    flat = dict(wav2clip.Wav2Clip().state_dict())  # the release: flat, with the image head too
-    flat["image_transform.sequential.0.weight"] = torch.zeros(512, 512)
-    torch.save(flat, paths["wav2clip"])
-    del state, visual, archive, flat
-    return OfficialExtractorsConfig(**{field: str(path) for field, path in paths.items()})
+def checkpoints(official_files) -> OfficialExtractorsConfig:
+    """The four networks, random weights, in their released layouts (tests/official_layouts.py)."""
+    layouts = dict(zip(FIELDS, ("panns", "vggish", "clip", "wav2clip"), strict=True))
+    files = official_files.get(*layouts.values())
+    return OfficialExtractorsConfig(**{f: str(files[name].path) for f, name in layouts.items()})
 
 
 @pytest.fixture(scope="module")
@@ -306,6 +266,57 @@ def test_generated_clips_need_their_image_for_cs_and_scores_need_clips(full_run,
     assert full_run.n_generated == N_CLIPS
     with pytest.raises(OfficialMetricsError, match="no generated clips"):
         _subset(loaded, "vggish").scores()
+
+
+class _PresetLogits:
+    """Stands in for PannsExtractor: each clip added gets the next preset logits."""
+
+    sha256 = "0" * 64
+
+    def __init__(self, logits: list[np.ndarray]) -> None:
+        self.queue = list(logits)
+
+    def features(self, wave) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros((1, 2048), np.float32), self.queue.pop(0)
+
+
+def test_is_takes_the_clips_in_clip_id_order_whatever_order_they_arrive_in():
+    rng = np.random.RandomState(7)
+    ids = [f"clip-{k:03d}" for k in range(40)]
+    logits = {i: (4 * rng.randn(527)).astype(np.float32) for i in ids}
+    arrivals = [ids, list(rng.permutation(ids)), list(reversed(ids))]  # e.g. 1, 2, 4 Ray actors
+
+    def score(order: list[str], with_ids: bool) -> float:
+        metrics = OfficialMetrics(panns=_PresetLogits([logits[i] for i in order]))
+        for i in order:
+            metrics.add_generated(_sine(440.0, seconds=0.05), RATE, clip_id=i if with_ids else None)
+        return metrics.scores()["is_panns"]
+
+    expected, _ = inception_score(np.stack([logits[i] for i in ids]), splits=10, seed=2020)
+    assert [score(order, True) for order in arrivals] == [expected] * 3
+    # what the ids fix: the same logits in arrival order give another figure
+    assert score(arrivals[1], False) != expected
+    metrics = OfficialMetrics(panns=_PresetLogits([logits["clip-000"]] * 2))
+    metrics.add_generated(_sine(440.0), RATE, clip_id="clip-000")
+    with pytest.raises(ValueError, match="clip-000 was already added"):
+        metrics.add_generated(_sine(440.0), RATE, clip_id="clip-000")
+
+
+def _run(fd: float, reasons: list[str]) -> dict:
+    return {"protocol": official.PROTOCOL, "n_generated": 4, "fd_panns": fd, "is_panns": fd / 10,
+            "comparable_to_paper": not reasons, "not_comparable_because": reasons}  # fmt: skip
+
+
+def test_generation_runs_average_into_one_labelled_entry():
+    two = official.average_runs([_run(10.0, ["a"]), _run(14.0, ["a", "b"])])
+    assert (two["fd_panns"], two["is_panns"], two["repeats"]) == (12.0, 1.2, 2)
+    assert two["runs"] == [{"fd_panns": 10.0, "is_panns": 1.0}, {"fd_panns": 14.0, "is_panns": 1.4}]
+    assert two["not_comparable_because"] == ["a", "b"] and not two["comparable_to_paper"]
+    assert (two["protocol"], two["n_generated"]) == (official.PROTOCOL, 4)
+    one = official.average_runs([_run(10.0, [])])
+    assert "runs" not in one and one["fd_panns"] == 10.0 and not one["comparable_to_paper"]
+    assert one["not_comparable_because"] == ["1 generation run averaged, the paper averages 2"]
+    assert official.average_runs([_run(1.0, []), _run(3.0, [])])["comparable_to_paper"]
 
 
 # --------------------------------------------------------------------------- reference audio

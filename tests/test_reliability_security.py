@@ -125,7 +125,7 @@ def test_a_pickle_that_runs_code_is_refused_by_every_loader(tmp_path):
         folder = _folder(tmp_path / what, "weights.pt", marker, {"kind": "melgan", "mel": mel})
         with pytest.raises(checkpoint.CheckpointError, match="was refused") as info:
             load(folder)
-        assert "weights_only" in str(info.value) and "\n" not in str(info.value), what
+        assert "names io.open," in str(info.value) and "\n" not in str(info.value), what
     # training state: refused too, and restore() then has nothing it may load
     run = tmp_path / "run"
     _folder(run / "checkpoint_00000004", "state.pt", marker, None)
@@ -134,6 +134,73 @@ def test_a_pickle_that_runs_code_is_refused_by_every_loader(tmp_path):
     with pytest.raises(PipelineError, match="no checkpoint of this run can be read.*refused"):
         FolderEnvironment(run).restore()
     assert not marker.exists()
+
+
+class Reduce:
+    """Pickles as `func(*args)`: what unpickling it would call."""
+
+    def __init__(self, func, *args) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+def _payloads(marker: Path, tmp_path: Path) -> dict[str, tuple[object, str]]:
+    """name -> (an object whose unpickling writes `marker`, the global the refusal must name)."""
+    import builtins
+    import subprocess
+    import sys
+
+    inner = tmp_path / "inner.pt"
+    torch.save({"evil": Payload(marker)}, inner)
+    writes = f"open({str(marker)!r}, 'w').close()"
+    return {
+        "os.system": (Reduce(os.system, f"touch '{marker}'"), "posix.system"),
+        "builtins.eval": (Reduce(builtins.eval, writes), "builtins.eval"),
+        "builtins.exec": (Reduce(builtins.exec, writes), "builtins.exec"),
+        "subprocess.Popen": (
+            Reduce(subprocess.Popen, [sys.executable, "-c", writes]),
+            "subprocess.Popen (written commands.Popen)",
+        ),
+        "builtins.__import__": (Reduce(builtins.__import__, "antigravity"), "builtins.__import__"),
+        "builtins.getattr": (
+            Reduce(builtins.getattr, Reduce(builtins.__import__, "os"), "system"),
+            "builtins.__import__, builtins.getattr",
+        ),
+        "torch.load of a nested pickle": (
+            Reduce(torch.load, str(inner)),
+            "torch.serialization.load",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "payload",
+    ["os.system", "builtins.eval", "builtins.exec", "subprocess.Popen", "builtins.__import__",
+     "builtins.getattr", "torch.load of a nested pickle"],
+)  # fmt: skip
+@pytest.mark.filterwarnings("ignore:Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+def test_a_code_running_global_is_refused_by_name(payload, tmp_path, monkeypatch):
+    marker = tmp_path / "code-ran"
+    obj, named = _payloads(marker, tmp_path)[payload]
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "callbacks": {"x": obj}}, path)
+    if payload not in ("builtins.__import__", "builtins.getattr"):  # these only fetch a function
+        # live: an unpickler that runs code does write the marker (the nested load too, once
+        # the environment lets torch.load default to running code)
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+        loaded = torch.load(path, weights_only=False)
+        if payload == "subprocess.Popen":
+            loaded["callbacks"]["x"].wait(30)
+        assert marker.exists(), payload
+        marker.unlink()
+        monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.read_state_dict(path)
+    message = str(info.value)
+    assert message.startswith(f"checkpoint {path} was refused: it names {named}, which loading")
+    assert "\n" not in message and not marker.exists()
 
 
 # --------------------------------------------------------------- untrusted names and fields

@@ -9,8 +9,11 @@ Flow: one Ray Data pass for every conditional task and CFG scale s (and one for 
    and joint-space vectors (kept, small), and the clips picked as examples keep their samples;
 3. scores against the real test clips (`scoring`), example WAVs/PNGs and figures.
 
-Rows carry their index, so the scores do not depend on the order Ray returns batches in.
-Generation noise is seeded per batch (`seed + first row`), so a rerun gives the same samples.
+Rows carry their index (and clip id, for the paper-protocol scorers), so the scores do not depend
+on the order Ray returns batches in. Generation noise is seeded per batch (`seed + first row`), so
+a rerun gives the same samples. With `evaluate.repeats` > 1 all of it runs that many times, run r
+from seed + r x REPEAT_SEED_STRIDE: every metric is the mean over the runs with each run's values
+under `runs` (the paper averages two runs); examples, figures and per_class.csv show the first.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pipeline.data.extract import decode_row, load_meta
 from pipeline.data.token_dataset import eval_frame
 from pipeline.evaluation.local import NAME as LOCAL_NAME
 from pipeline.evaluation.local import LocalEvaluator, Outputs
-from pipeline.evaluation.official import OfficialMetrics
+from pipeline.evaluation.official import OfficialMetrics, average_runs
 from pipeline.evaluation.scoring import (
     Reference,
     reference,
@@ -45,6 +48,9 @@ from pipeline.evaluation.train_local import Clips, EvaluatorError, load_clips
 log = logging.getLogger(__name__)
 
 READ_COLUMNS = ["clip_id", "label", "frames", "mel"]
+# Run r of `evaluate.repeats` seeds its batches from base seed + r x this (+ the batch's first
+# row), so no two runs share a seed while a test split has fewer rows.
+REPEAT_SEED_STRIDE = 1_000_000
 
 
 @dataclass
@@ -208,7 +214,7 @@ def generate_and_embed(
             if official and (task_name, key) in official:
                 for wave, row in zip(col["gen_wave"], batch["row"], strict=True):
                     official[(task_name, key)].add_generated(
-                        wave, sample_rate, test.frames[int(row)]
+                        wave, sample_rate, test.frames[int(row)], test.clip_ids[int(row)]
                     )
             if task_name != "audio2image":
                 part.audio.append(evaluator.audio_outputs(col["gen_mel"]))
@@ -329,42 +335,46 @@ def run_evaluate(
     passes = [conditional] if conditional else []
     if "cogenerate" in cfg.tasks:
         passes.append([("cogenerate", "free", 1.0)])  # nothing to guide by: one run
-    scorers: dict[tuple[str, str], OfficialMetrics] = {}
-    if official is not None:
-        scorers = {(t, key): official.fresh_generated() for t, key, _ in conditional
-                   if t == "image2audio"}  # fmt: skip
-    generated: dict[tuple[str, str], Generated] = {}
+    # Per generation run (repeat): what it generated and its paper-protocol scorers.
+    generated: list[dict[tuple[str, str], Generated]] = []
+    scorers: list[dict[tuple[str, str], OfficialMetrics]] = []
     with ray_session():
-        for runs in passes:
-            log.info(
-                "evaluate: %s on %d clips",
-                ", ".join(f"{t} at s={g:g}" if t != "cogenerate" else t for t, _, g in runs),
-                len(test),
-            )
-            cogenerate = runs[0][0] == "cogenerate"
-            generated |= generate_and_embed(
-                runs, test, extract_dir, Path(paths.transformer), tokenizers_dir, gen_cfg, cfg,
-                evaluator, params.base.seed, cogenerated if cogenerate else example_rows,
-                count=cfg.cogenerate_samples, official=None if cogenerate else scorers,
-            )  # fmt: skip
+        for repeat in range(cfg.repeats):
+            seed = params.base.seed + repeat * REPEAT_SEED_STRIDE
+            generated.append({})
+            scorers.append({(t, key): official.fresh_generated() for t, key, _ in conditional
+                            if t == "image2audio"} if official is not None else {})  # fmt: skip
+            for runs in passes:
+                log.info(
+                    "evaluate: %s on %d clips%s",
+                    ", ".join(f"{t} at s={g:g}" if t != "cogenerate" else t for t, _, g in runs),
+                    len(test),
+                    f" (run {repeat + 1} of {cfg.repeats})" if cfg.repeats > 1 else "",
+                )
+                cogenerate = runs[0][0] == "cogenerate"
+                generated[repeat] |= generate_and_embed(
+                    runs, test, extract_dir, Path(paths.transformer), tokenizers_dir, gen_cfg,
+                    cfg, evaluator, seed, cogenerated if cogenerate else example_rows,
+                    count=cfg.cogenerate_samples, official=None if cogenerate else scorers[repeat],
+                )  # fmt: skip
     examples: dict[str, dict[str, Generated]] = {}
     for runs in passes:
         for task_name, key, _ in runs:
-            gen = generated[(task_name, key)]
-            values = score(task_name, gen, ref) | {"seconds": round(gen.seconds, 1)}
+            each = [score(task_name, gen[(task_name, key)], ref)
+                    | {"seconds": round(gen[(task_name, key)].seconds, 1)}
+                    for gen in generated]  # fmt: skip
+            values = mean_of_runs(each)
             metrics.setdefault(task_name, {})[key] = values
-            if (task_name, key) in scorers:
-                paper = scorers[(task_name, key)].scores(full_vggsound_test=full_test)
+            if (task_name, key) in scorers[0]:
+                paper = average_runs([run[(task_name, key)].scores(full_vggsound_test=full_test)
+                                      for run in scorers])  # fmt: skip
                 metrics.setdefault("paper_protocol", {})[key] = paper
-                if tracking_run is not None:
-                    numbers = {k: v for k, v in paper.items() if _is_number(v)}
-                    tracking_run.log_metrics({f"paper/{key}/{k}": v for k, v in numbers.items()})
-            examples.setdefault(task_name, {})[key] = gen
-            if tracking_run is not None:
-                tracking_run.log_metrics({f"{task_name}/{key}/{k}": v for k, v in values.items()})
+                _log(tracking_run, f"paper/{key}", paper)
+            examples.setdefault(task_name, {})[key] = generated[0][(task_name, key)]
+            _log(tracking_run, f"{task_name}/{key}", values)
     vocoder = Vocoder.load(tokenizers_dir / "vocoder")
     write_examples(examples, test, ref, evaluator, vocoder, report_dir, cfg)
-    write_per_class(generated, ref, evaluator.labels, report_dir)
+    write_per_class(generated[0], ref, evaluator.labels, report_dir)
     io.write_json(report_dir / "metrics.json", metrics)
     return EvaluateSummary(metrics, report_dir, time.monotonic() - start)
 
@@ -464,6 +474,24 @@ def write_per_class(
         return
     io.write_csv(report_dir / "per_class.csv", rows, PER_CLASS_COLUMNS)
     confusion_figure(matrices, labels, report_dir / "confusion.png")
+
+
+def mean_of_runs(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """One run's scores as they are; several runs' as their mean, with each run under `runs`."""
+    if len(runs) == 1:
+        return runs[0]
+    mean = {k: float(np.mean([run[k] for run in runs])) for k in runs[0]}
+    return mean | {"runs": runs}
+
+
+def _log(tracking_run: Any | None, prefix: str, values: dict[str, Any]) -> None:
+    """The numbers of `values` to MLflow under `prefix/`, each run's under `prefix/run<i>/`."""
+    if tracking_run is None:
+        return
+    numbers = {f"{prefix}/{k}": v for k, v in values.items() if _is_number(v)}
+    for i, run in enumerate(values.get("runs", []), start=1):
+        numbers |= {f"{prefix}/run{i}/{k}": v for k, v in run.items() if _is_number(v)}
+    tracking_run.log_metrics(numbers)
 
 
 def _is_number(v: Any) -> bool:

@@ -14,7 +14,9 @@ zero-padded to 32000 samples), then
 
 `scores()` labels the numbers as metrics-anchors §5.4 asks (extractor in the key, checkpoint
 hashes, protocol, N) and says whether they are comparable to the paper's Table 1 (§5.2), with the
-failed conditions listed. `reference_audio` decodes a test clip's audio track with ffmpeg.
+failed conditions listed; `average_runs` joins the scores of several generation runs, as the
+paper averages two. IS and CS take the generated clips in clip-id order, whatever order they
+arrive in. `reference_audio` decodes a test clip's audio track with ffmpeg.
 Section numbers (§) refer to shared/reference/metrics-anchors.md.
 """
 
@@ -56,6 +58,9 @@ RESAMPLER = "torchaudio-sinc-hann-w6-r0.99"
 # OpenAI's ViT-B-32.pt: the hash is part of its download URL and clip._download checks it (§3).
 CLIP_VIT_B32_SHA256 = "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af"
 SHA_CHARS = 8
+# The paper's Table 1 averages two generation runs (docs/references.md, "Visual Echoes").
+PAPER_RUNS = 2
+METRICS = ("fd_panns", "fad_vggish", "is_panns", "is_panns_std", "cs_clip_wav2clip")
 
 # config field → what the paper needs it for, in the words of the not-comparable reasons.
 CHECKPOINT_USES = {
@@ -144,8 +149,9 @@ class OfficialMetrics:
         self.n_generated = 0
         self._generated_panns = StatsAccumulator(PannsExtractor.dim)
         self._generated_vggish = StatsAccumulator(VggishExtractor.dim)
-        self._logits: list[np.ndarray] = []  # (527,) float32 per generated clip
-        self._cs: list[float] = []  # 100 x cosine per generated clip
+        self._ids: set[str] = set()
+        self._logits: dict[str, np.ndarray] = {}  # clip id -> (527,) float32
+        self._cs: dict[str, float] = {}  # clip id -> 100 x cosine
 
     def fresh_generated(self) -> OfficialMetrics:
         """A scorer sharing this one's extractors and reference side, with an empty generated
@@ -165,14 +171,25 @@ class OfficialMetrics:
         return embedding, logits, rows
 
     def add_generated(
-        self, wave: ArrayLike, sample_rate: int, condition_image: np.ndarray | None = None
+        self,
+        wave: ArrayLike,
+        sample_rate: int,
+        condition_image: np.ndarray | None = None,
+        clip_id: str | None = None,
     ) -> None:
         """Fold in one generated clip: wave (T,) mono (or (C, T), channel 0 used) at
         `sample_rate`, and the frame (S, S, 3) uint8 that conditioned it, needed when CS is
         configured. All features are computed before any is stored, so a failure adds nothing.
+
+        IS and CS are computed over the clips sorted by `clip_id`, so they do not depend on the
+        order clips arrive in (Ray returns batches as actors finish them); without an id, a
+        clip's arrival index is its id.
         """
         if self.has_cs and condition_image is None:
             raise ValueError("CS is configured: add_generated needs the conditioning image")
+        key = clip_id if clip_id is not None else f"#{self.n_generated:09d}"
+        if key in self._ids:
+            raise ValueError(f"clip {key} was already added to this generated set")
         prepared = prepare_wave(wave, sample_rate)  # (1, T) float32 at 16 kHz
         embedding, logits, rows = self._audio_features(prepared)
         cs = None
@@ -182,11 +199,12 @@ class OfficialMetrics:
             cs = clip_score(image_emb[None], audio_emb[None])
         if embedding is not None:
             self._generated_panns.add(embedding)
-            self._logits.append(logits)
+            self._logits[key] = logits
         if rows is not None:
             self._generated_vggish.add(rows)
         if cs is not None:
-            self._cs.append(cs)
+            self._cs[key] = cs
+        self._ids.add(key)
         self.n_generated += 1
 
     def add_reference(self, wave: ArrayLike, sample_rate: int) -> None:
@@ -231,14 +249,15 @@ class OfficialMetrics:
                     self._generated_panns.stats(), self._reference_panns.stats()
                 )
             splits = min(IS_SPLITS, n_gen)
-            mean, std = inception_score(np.stack(self._logits), splits=splits, seed=IS_SEED)
+            logits = np.stack([self._logits[k] for k in sorted(self._logits)])
+            mean, std = inception_score(logits, splits=splits, seed=IS_SEED)
             out.update(is_panns=mean, is_panns_std=std, is_splits=splits)
         if self.vggish is not None and n_ref:
             out["fad_vggish"] = frechet_distance(
                 self._generated_vggish.stats(), self._reference_vggish.stats()
             )
         if self.has_cs:
-            out["cs_clip_wav2clip"] = float(np.mean(self._cs))
+            out["cs_clip_wav2clip"] = float(np.mean([self._cs[k] for k in sorted(self._cs)]))
         for field, extractor in self.by_field().items():
             if extractor is not None:
                 sha = extractor.sha256[:SHA_CHARS] if extractor.sha256 else None
@@ -282,6 +301,34 @@ class OfficialMetrics:
         if out.get("is_splits", IS_SPLITS) != IS_SPLITS:
             reasons.append(f"IS used {out['is_splits']} splits, not {IS_SPLITS}")
         return reasons
+
+
+def average_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The `scores()` of one generated set per generation run, as one labelled entry.
+
+    Each of METRICS present is the mean over the runs; `repeats` is the number of runs and, when
+    there are several, `runs` holds each run's METRICS. The labels are the first run's
+    (`n_generated` counts one run). `not_comparable_because` lists every run's reasons once, plus
+    one when the number of runs is not the paper's PAPER_RUNS.
+    """
+    if not runs:
+        raise ValueError("average_runs needs at least one run")
+    first = runs[0]
+    out = {k: v for k, v in first.items() if k not in METRICS}
+    present = [k for k in METRICS if k in first]
+    out |= {k: float(np.mean([run[k] for run in runs])) for k in present}
+    out["repeats"] = len(runs)
+    if len(runs) > 1:
+        out["runs"] = [{k: run[k] for k in present} for run in runs]
+    reasons = list(dict.fromkeys(r for run in runs for r in run["not_comparable_because"]))
+    if len(runs) != PAPER_RUNS:
+        reasons.append(
+            f"{len(runs)} generation run{'s' if len(runs) > 1 else ''} averaged, "
+            f"the paper averages {PAPER_RUNS}"
+        )
+    out["comparable_to_paper"] = not reasons
+    out["not_comparable_because"] = reasons
+    return out
 
 
 # The output stream ffmpeg prints after "Output #0": the rate of the samples it writes.

@@ -1,11 +1,9 @@
 """What the paper-protocol extractors share: reading an official weights file, strict loading,
 device choice.
 
-Official files are read with `torch.load(weights_only=True)` through `pipeline.checkpoint`. The
-one widening is numpy arrays: training scripts of these models stored sampler state next to the
-weights (PANNs' `pytorch/main.py` saves `{"model", "iteration", "sampler"}`, whose sampler holds
-numpy index arrays), which the weights-only unpickler refuses by default. The allowlist below
-admits array, dtype and scalar reconstruction only; nothing that runs code.
+Official files are read through `pipeline.checkpoint.read_state_dict`, which says what a file may
+hold (tensors, plain containers, NumPy arrays such as PANNs' sampler state, inert stand-ins for
+other classes) and refuses anything that could run code.
 """
 
 from __future__ import annotations
@@ -21,27 +19,13 @@ from torch import nn
 
 from pipeline.checkpoint import CheckpointError, StateDict, load_into, read_state_dict
 
-_RECONSTRUCT = np.ndarray((0,)).__reduce__()[0]
-_SCALAR = np.int64(0).__reduce__()[0]
-# Both module spellings: numpy < 2 pickles `numpy.core.multiarray`, numpy >= 2 `numpy._core`.
-_NUMPY_GLOBALS = [
-    (_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
-    (_RECONSTRUCT, "numpy._core.multiarray._reconstruct"),
-    (_SCALAR, "numpy.core.multiarray.scalar"),
-    (_SCALAR, "numpy._core.multiarray.scalar"),
-    np.ndarray,
-    np.dtype,
-    *sorted({type(np.dtype(code)) for code in "?bhilqBHILQefd"}, key=lambda t: t.__name__),
-]
-
 
 def read_official(path: str | Path, keep_prefixes: Iterable[str] | None = None) -> StateDict:
     """The flat state dict of an official weights file, optionally only keys under prefixes.
 
     Raises CheckpointError for a missing, corrupt or code-carrying file.
     """
-    with torch.serialization.safe_globals(_NUMPY_GLOBALS):
-        state = read_state_dict(path)
+    state = read_state_dict(path)
     if keep_prefixes is None:
         return state
     keep = tuple(keep_prefixes)
