@@ -18,23 +18,13 @@ def main() -> str:
     with tracking.stage_run("evaluate", params.base.experiment, logged, report) as run:
         # The train stage's MLflow run carries the same `train_run` tag (the Ray Train run name).
         run.set_tags({"train_run": meta.get("run_name", ""), "comparable_to_paper": "false"})
-        summary = run_evaluate(params, report, run)
-        paper = summary.metrics.get("paper_protocol", {}).values()
-        comparable = bool(paper) and all(v["comparable_to_paper"] for v in paper)
-        run.set_tags({"comparable_to_paper": str(comparable).lower()})
-        figures = ("image2audio.png", "audio2image.png", "cogenerate.png", "confusion.png")
-        for name in ("metrics.json", "per_class.csv", *figures):
-            if (report / name).is_file():
-                run.log_artifact(report / name)
+        summary = run_evaluate(params.evaluate, params.generate, params.evaluator, params.paths,
+                               seed=params.base.seed, report_dir=report, tracking_run=run)  # fmt: skip
+        run.set_tags({"comparable_to_paper": str(summary.comparable_to_paper).lower()})
+        for path in summary.artifacts():
+            run.log_artifact(path)
         run.log_artifacts(report / "samples", artifact_path="samples")
-    uri = tracking.redact(tracking.tracking_uri())
-    return (
-        f"evaluate: {summary.headline()}\n"
-        f"  metrics: {report}/metrics.json (dvc metrics show)\n"
-        f"  samples: {report}/samples/, figures: {report}/*.png, sweep: reports/sweep/\n"
-        f"  MLflow: experiment {params.base.experiment!r} at {uri} "
-        f"(visual-echoes compare; mlflow ui --backend-store-uri {uri})"
-    )
+    return summary.describe(params.base.experiment, tracking.redact(tracking.tracking_uri()))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ YOUTUBE_ID = re.compile(r"[A-Za-z0-9_-]{11}")
 _START = re.compile(r"[0-9]{1,6}")
 _SPLIT_NAME = re.compile(r"(?P<id>[A-Za-z0-9_-]{11})_(?P<start>[0-9]{1,6})\.mp4")
 SPLITS = ("train", "test")
+# Test rows of the official lists: test.csv, and the test rows of vggsound.csv
+# (docs/references.md, "VGGSound lists").
+TEST_LIST_CLIPS = (15_446, 15_496)
 MAX_LABEL_CHARS = 200
 
 ListFormat = Literal["vggsound", "split"]

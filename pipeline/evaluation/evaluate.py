@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import io
-from pipeline.config import EvaluateConfig, GenerateConfig, Params, as_dict
+from pipeline.config import EvaluateConfig, EvaluatorConfig, GenerateConfig, PathsConfig, as_dict
 from pipeline.data.extract import decode_row, load_meta
 from pipeline.data.token_dataset import eval_frame
 from pipeline.evaluation.local import NAME as LOCAL_NAME
@@ -280,6 +280,30 @@ class EvaluateSummary:
     report_dir: Path
     seconds: float
 
+    @property
+    def describe(self, experiment: str, uri: str) -> str:
+        """The stage's closing lines: the headline and where everything is."""
+        report = self.report_dir
+        return (
+            f"evaluate: {self.headline()}\n"
+            f"  metrics: {report}/metrics.json (dvc metrics show)\n"
+            f"  samples: {report}/samples/, figures: {report}/*.png, sweep: reports/sweep/\n"
+            f"  MLflow: experiment {experiment!r} at {uri} "
+            f"(visual-echoes compare; mlflow ui --backend-store-uri {uri})"
+        )
+
+    @property
+    def comparable_to_paper(self) -> bool:
+        """Whether every paper-protocol number is comparable to the paper's Table 1."""
+        paper = self.metrics.get("paper_protocol", {}).values()
+        return bool(paper) and all(v["comparable_to_paper"] for v in paper)
+
+    def artifacts(self) -> list[Path]:
+        """The report files the stage's MLflow run keeps (the samples folder aside)."""
+        names = ("metrics.json", "per_class.csv", "image2audio.png", "audio2image.png",
+                 "cogenerate.png", "confusion.png")  # fmt: skip
+        return [self.report_dir / n for n in names if (self.report_dir / n).is_file()]
+
     def headline(self) -> str:
         parts = []
         for task_name in EVAL_ORDER:
@@ -293,19 +317,37 @@ class EvaluateSummary:
 EVAL_ORDER = ("image2audio", "audio2image", "cogenerate")
 
 
+def whole_vggsound_test(clips_dir: Path, max_clips: int) -> bool:
+    """Whether the test clips are VGGSound's whole official test list: download selected every
+    row of it (the manifest records the clips it could not fetch too) and evaluate caps none."""
+    from pipeline.data.manifest import read_manifest
+    from pipeline.data.vggsound import TEST_LIST_CLIPS
+
+    test = [r for r in read_manifest(clips_dir) if r.split == "test"]
+    vggsound = bool(test) and all(r.source == "vggsound" for r in test)
+    return vggsound and len(test) in TEST_LIST_CLIPS and max_clips == 0
+
+
 def run_evaluate(
-    params: Params, report_dir: Path, tracking_run: Any | None = None
+    cfg: EvaluateConfig,
+    gen_cfg: GenerateConfig,
+    evaluator_cfg: EvaluatorConfig,
+    paths: PathsConfig,
+    *,
+    seed: int,
+    report_dir: Path,
+    tracking_run: Any | None = None,
 ) -> EvaluateSummary:
-    """Generate and score every task and CFG scale in params.evaluate; write metrics, samples
-    and figures under `report_dir` (see the module doc)."""
+    """Generate and score every task and CFG scale of `cfg`; write metrics, samples and figures
+    under `report_dir` (see the module doc). Of `evaluator_cfg` it reads the device and the
+    paper-protocol extractors (`official`)."""
     from pipeline.devices import resolve_device
     from pipeline.ray_runtime import ray_session
     from pipeline.tokenizers.vocoder import Vocoder
 
     start = time.monotonic()
-    cfg, gen_cfg, paths = params.evaluate, params.generate, params.paths
     extract_dir, tokenizers_dir = Path(paths.extract), Path(paths.tokenizers)
-    device = resolve_device(params.evaluator.device)
+    device = resolve_device(evaluator_cfg.device)
     evaluator = LocalEvaluator.load(paths.evaluator, device)
     test = load_test_set(extract_dir, cfg.max_clips)
     ref = reference(evaluator, test.labels, test.mels.astype(np.float32), test.frames)
@@ -319,15 +361,11 @@ def run_evaluate(
         **describe_settings(gen_cfg),
         "reference": score_reference(ref),
     }
-    official = OfficialMetrics.load(params.evaluator.official, device)
+    official = OfficialMetrics.load(evaluator_cfg.official, device)
     if official is not None:
         add_references(official, test, Path(paths.clips))
-        # Comparable only on the whole VGGSound test list (metrics-anchors §5.2).
-        full_test = (
-            params.download.source == "vggsound"
-            and params.download.limit == 0
-            and cfg.max_clips == 0
-        )
+        # Comparable only on the whole VGGSound test list (docs/references.md).
+        full_test = whole_vggsound_test(Path(paths.clips), cfg.max_clips)
     # The conditional tasks share one pass over the test clips; co-generation has its own.
     settings = list(iter_settings(cfg.guidance))
     conditional = [(t, key, g) for t in EVAL_ORDER if t in cfg.tasks and t != "cogenerate"
@@ -340,7 +378,7 @@ def run_evaluate(
     scorers: list[dict[tuple[str, str], OfficialMetrics]] = []
     with ray_session():
         for repeat in range(cfg.repeats):
-            seed = params.base.seed + repeat * REPEAT_SEED_STRIDE
+            run_seed = seed + repeat * REPEAT_SEED_STRIDE
             generated.append({})
             scorers.append({(t, key): official.fresh_generated() for t, key, _ in conditional
                             if t == "image2audio"} if official is not None else {})  # fmt: skip
@@ -354,7 +392,7 @@ def run_evaluate(
                 cogenerate = runs[0][0] == "cogenerate"
                 generated[repeat] |= generate_and_embed(
                     runs, test, extract_dir, Path(paths.transformer), tokenizers_dir, gen_cfg,
-                    cfg, evaluator, seed, cogenerated if cogenerate else example_rows,
+                    cfg, evaluator, run_seed, cogenerated if cogenerate else example_rows,
                     count=cfg.cogenerate_samples, official=None if cogenerate else scorers[repeat],
                 )  # fmt: skip
     examples: dict[str, dict[str, Generated]] = {}
