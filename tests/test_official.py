@@ -174,7 +174,7 @@ def test_comparable_only_with_the_four_official_files_and_the_full_test_list(
     assert not random_clip["comparable_to_paper"]
     assert len(random_clip["not_comparable_because"]) == 1
     # As if the CLIP file were OpenAI's: all four files and the full list make it comparable.
-    monkeypatch.setattr(official, "CLIP_VIT_B32_SHA256", loaded.clip.sha256)
+    monkeypatch.setattr(official, "clip_vit_b32_sha256", lambda: loaded.clip.sha256)
     full = full_run.scores(full_vggsound_test=True)
     assert full["comparable_to_paper"] and full["not_comparable_because"] == []
     assert {k: v for k, v in full.items() if k in ("fd_panns", "is_panns")} == {

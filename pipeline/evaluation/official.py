@@ -55,8 +55,12 @@ log = logging.getLogger(__name__)
 PROTOCOL = "audioldm_eval-main2024"
 # torchaudio.functional.resample at its defaults, as audio_io.resample re-implements it (§1.3).
 RESAMPLER = "torchaudio-sinc-hann-w6-r0.99"
-# OpenAI's ViT-B-32.pt: the hash is part of its download URL and clip._download checks it (§3).
-CLIP_VIT_B32_SHA256 = "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af"
+def clip_vit_b32_sha256() -> str:
+    """OpenAI's ViT-B-32.pt sha256: part of its download URL, which clip._download checks; kept
+    once, in pipeline/weights/registry.yaml."""
+    from pipeline.weights.registry import load_registry
+
+    return load_registry()["clip_vit_b32"].sha256
 SHA_CHARS = 8
 # The paper's Table 1 averages two generation runs (docs/references.md, "Visual Echoes").
 PAPER_RUNS = 2
@@ -284,10 +288,11 @@ class OfficialMetrics:
                 reasons.append(f"{field} is not configured ({CHECKPOINT_USES[field]})")
             elif not extractor.sha256:
                 reasons.append(f"{field} was not loaded from a file (no sha256 to record)")
-        if self.clip is not None and self.clip.sha256 and self.clip.sha256 != CLIP_VIT_B32_SHA256:
+        openai = clip_vit_b32_sha256()
+        if self.clip is not None and self.clip.sha256 and self.clip.sha256 != openai:
             reasons.append(
                 f"clip_vit_b32 (sha256 {self.clip.sha256[:SHA_CHARS]}) is not OpenAI's "
-                f"ViT-B-32.pt (sha256 {CLIP_VIT_B32_SHA256[:SHA_CHARS]})"
+                f"ViT-B-32.pt (sha256 {openai[:SHA_CHARS]})"
             )
         if self.n_reference == 0 and (self.panns is not None or self.vggish is not None):
             reasons.append("no reference clips were added, so FD and FAD are missing")
