@@ -10,7 +10,7 @@ A clip's content follows from the order in which its random numbers are drawn: t
 the draws every class shares (`SynthClass.params`), then the class's own (`own_params`), then its
 sound's (`waveform`, after the frames, which draw none), then the background noise
 (`pipeline.data.synthetic.render_clip`). Rearranging this code must keep that order, or every
-clip of a seed changes.
+clip of a seed changes (tests/test_synthetic.py fingerprints one clip of each class).
 
 `p`, everywhere, is one clip's parameters as `SynthClass.params` returns them: python floats and
 float32 arrays, so that the frame maths stays float32. Coordinates are in height units on a
@@ -181,7 +181,7 @@ class SynthClass(ABC):
         }
         jitter = rng.uniform(0.92, 1.08, 3)
         p["colour"] = np.clip(np.asarray(self.colour) * jitter, 0, 1).astype(np.float32)
-        # drawn for every class, used or not, so that each class draws its own from one point
+        # drawn for every class, used or not: skipping them would shift every later draw
         scale = rng.uniform(0.7, 1.3)  # object size
         pitch = scale**-0.5 * rng.uniform(0.97, 1.03)  # bigger sounds lower, within the band
         p["phase"] = rng.uniform(0, self.phase_span)
