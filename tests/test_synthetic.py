@@ -201,6 +201,49 @@ def test_render_is_deterministic_in_the_seed():
     assert not np.array_equal(a.frames, c.frames) and not np.array_equal(a.audio, c.audio)
 
 
+# Per class, of clip (class, "train", 0) at seed 0 and TINY's size with all 8 classes: the frames'
+# mean level, their mean change from frame to frame (the motion) and the audio's RMS. They change
+# only when the rendering changes on purpose (then update them). Numbers, not sha256 of the arrays:
+# float32 sin and exp differ in the last bit between numpy versions and CPUs, which moves a few
+# pixels by one level (numpy 1.26 and 2.4 give other frame bytes for 5 of the 8 classes, and these
+# numbers apart by under 1e-6), while any change to the draws or the drawing moves them far more.
+FINGERPRINTS = (
+    (35.83381, 2.277104, 0.1056202),
+    (95.00422, 2.273582, 0.3090369),
+    (82.84553, 1.813092, 0.1110903),
+    (54.1844, 2.621149, 0.08842743),
+    (36.02092, 10.67803, 0.1028009),
+    (67.63784, 1.302685, 0.05657614),
+    (97.91449, 1.773397, 0.03008167),
+    (100.8232, 6.729994, 0.06819333),
+)
+
+
+def test_each_class_renders_as_it_did():
+    cfg = replace(TINY, num_classes=8)
+    for synth, expected in zip(CLASSES, FINGERPRINTS, strict=True):
+        arrays = render_clip(cfg, ClipSpec(synth.index, "train", 0), seed=0)
+        frames = arrays.frames.astype(np.float64)  # (T, H, W, 3)
+        got = (
+            frames.mean(),
+            np.abs(np.diff(frames, axis=0)).mean(),
+            np.sqrt(np.mean(arrays.audio.astype(np.float64) ** 2)),
+        )
+        assert got == pytest.approx(expected, rel=1e-4), synth.label
+
+
+def test_the_code_hash_covers_the_classes_module(monkeypatch):
+    """A clip folder made by older class code is remade, not reused (see `made_with`)."""
+    before = synthetic.made_with(TINY, 0)
+    read_bytes = Path.read_bytes
+
+    def edited(path: Path) -> bytes:
+        return read_bytes(path) + (b"#" if path.name == "synthetic_classes.py" else b"")
+
+    monkeypatch.setattr(Path, "read_bytes", edited)
+    assert synthetic.made_with(TINY, 0)["code_sha256"] != before["code_sha256"]
+
+
 def test_frames_move_and_clips_of_one_class_differ():
     cfg = replace(TINY, num_classes=8)
     for c in range(8):
