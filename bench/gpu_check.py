@@ -401,189 +401,173 @@ def _find(rows: list[dict] | None, **where: Any) -> dict | None:
     return None
 
 
-def _target(
-    name: str,
-    what: str,
-    goal: str,
-    measured: str | None,
-    met: bool | None,
-    step: str,
-) -> dict[str, Any]:
-    return {
-        "target": name,
-        "what": what,
-        "goal": goal,
-        "measured": measured,
-        "met": met,
-        "step": step,
-    }
+def _dag_figure(dag: dict[str, Any]) -> str:
+    ran = [r for r in dag["runs"] if r["rc"] == 0]
+    prepared = sum(1 for r in ran if r.get("prepared"))
+    return f"{len(ran)} of {len(dag['stages'])} stages ran on {dag['device']}" + (
+        f" ({prepared} media stages prepared on a CPU)" if prepared else ""
+    )
+
+
+def _train_figure(train: dict[str, Any]) -> str:
+    mfu = "" if train["mfu"] is None else f", MFU {train['mfu']:.1%}"
+    return (
+        f"{train['samples_per_s']:g} samples/s, {train['tflop_per_s']:g} TFLOP/s{mfu} on "
+        f"{train['device']}"
+    )
+
+
+def _memory_figure(ckpt: dict[str, Any]) -> str:
+    return (
+        f"{ckpt['memory_kind']} {ckpt['peak_memory_gib']:g} GiB at batch {ckpt['batch']} "
+        f"{ckpt['precision']}, {ckpt['samples_per_s']:g} samples/s"
+    )
+
+
+def _ratio_figure(pair: tuple[dict[str, Any], dict[str, Any]]) -> str:
+    im2wav, ours = pair
+    ratio = im2wav["s_per_audio_second"] / ours["s_per_audio_second"]
+    return (
+        f"{ratio:.3g}x ({im2wav['s_per_audio_second']:g} vs {ours['s_per_audio_second']:g} s "
+        f"per second of audio{', Im2Wav extrapolated' if im2wav['extrapolated'] else ''})"
+    )
+
+
+def _encoder_figure(row: dict[str, Any], unit: str) -> str:
+    ran_as = (
+        "" if row["effective_precision"] == "tf32" else f", ran as {row['effective_precision']}"
+    )
+    shape = "x".join(map(str, row["shape"]))
+    return f"{row['per_s']:g} {unit} ({row['device']}, batch {row['batch']}, input {shape}{ran_as})"
+
+
+def _tokenize_figure(pipe: dict[str, Any]) -> str:
+    parts = (
+        f" (fixed {pipe['fixed_s']:g} s/job, {pipe['marginal']:+.1%}/clip)"
+        if "fixed_s" in pipe
+        else ""
+    )
+    same = "" if pipe["ids_identical"] else "; ids DIFFER"
+    return (
+        f"{pipe['overhead']:+.1%} on {pipe['clips']['main']} clips on {pipe['device']}{parts}{same}"
+    )
 
 
 def targets(results: dict[str, Any], dry: bool) -> list[dict[str, Any]]:
-    """Each target of the issue beside its figure. `met` is None when there is no figure or
-    when it is a dry run (CPU, tiny sizes: the code path, not a figure)."""
+    """Each target of the issue beside its figure. `met` is None when there is no figure, when
+    the target has no threshold, or in a dry run (CPU, tiny sizes: the code path, not a
+    figure)."""
+    rows: list[dict[str, Any]] = []
 
-    def judge(ok: bool | None) -> bool | None:
-        return None if dry or ok is None else bool(ok)
+    def add(name, what, goal, step, found, figure, ok=None) -> None:
+        """One row; `figure(found)` and `ok(found)` only when the step left `found`."""
+        met = None if dry or not found or ok is None else bool(ok(found))
+        rows.append(
+            {
+                "target": name,
+                "what": what,
+                "goal": goal,
+                "measured": figure(found) if found else None,
+                "met": met,
+                "step": step,
+            }
+        )
 
-    rows = []
-    dag = results.get("dag")
-    if dag:
-        ran = [r for r in dag["runs"] if r["rc"] == 0]
-        prepared = sum(1 for r in ran if r.get("prepared"))
-        measured = f"{len(ran)} of {len(dag['stages'])} stages ran on {dag['device']}" + (
-            f" ({prepared} media stages prepared on a CPU)" if prepared else ""
-        )
-        ok = dag["ok"] and dag["device"] == "cuda"
-    else:
-        measured, ok = None, None
-    rows.append(
-        _target(
-            "dag",
-            "tiny profile's DAG, every stage on cuda",
-            "every stage exits 0",
-            measured,
-            judge(ok),
-            "dag",
-        )
+    add(
+        "dag",
+        "tiny profile's DAG, every stage on cuda",
+        "every stage exits 0",
+        "dag",
+        results.get("dag"),
+        _dag_figure,
+        lambda d: d["ok"] and d["device"] == "cuda",
     )
-    train = results.get("train_bf16")
-    mfu = train.get("mfu") if train else None
-    rows.append(
-        _target(
-            "train_mfu",
-            "train step, paper, batch 128, bf16, compile",
-            f">= {MFU_TARGET:.0%} MFU of {PEAK_TFLOPS:g} TFLOP/s",
-            None
-            if not train
-            else f"{train['samples_per_s']:g} samples/s, {train['tflop_per_s']:g} TFLOP/s"
-            + (f", MFU {mfu:.1%}" if mfu is not None else "")
-            + f" on {train['device']}",
-            judge(None if mfu is None else mfu >= MFU_TARGET),
-            "train_bf16",
-        )
+    add(
+        "train_mfu",
+        "train step, paper, batch 128, bf16, compile",
+        f">= {MFU_TARGET:.0%} MFU of {PEAK_TFLOPS:g} TFLOP/s",
+        "train_bf16",
+        results.get("train_bf16"),
+        _train_figure,
+        lambda t: None if t["mfu"] is None else t["mfu"] >= MFU_TARGET,
     )
-    ckpt = results.get("train_ckpt")
-    rows.append(
-        _target(
-            "train_memory",
-            "train step, paper, batch 32, fp16, activation checkpointing",
-            f"peak <= 16 GB ({V100_BYTES / 2**30:.1f} GiB) allocated (a V100)",
+    add(
+        "train_memory",
+        "train step, paper, batch 32, fp16, activation checkpointing",
+        f"peak <= 16 GB ({V100_BYTES / 2**30:.1f} GiB) allocated (a V100)",
+        "train_ckpt",
+        results.get("train_ckpt"),
+        _memory_figure,
+        lambda c: (
             None
-            if not ckpt
-            else f"{ckpt['memory_kind']} {ckpt['peak_memory_gib']:g} GiB at batch "
-            f"{ckpt['batch']} {ckpt['precision']}, {ckpt['samples_per_s']:g} samples/s",
-            judge(
-                None
-                if not ckpt or ckpt["memory_kind"] != "peak allocated"
-                else ckpt["peak_memory_gib"] * 2**30 <= V100_BYTES
-            ),
-            "train_ckpt",
-        )
+            if c["memory_kind"] != "peak allocated"
+            else c["peak_memory_gib"] * 2**30 <= V100_BYTES
+        ),
     )
     gen = results.get("generate")
     big = max((r["batch"] for r in gen or []), default=None)
-    b64 = _find(gen, batch=big, guidance=3.0)
     b1 = _find(gen, batch=1, guidance=3.0)
-    rows.append(
-        _target(
-            "generate_b64",
-            f"image->audio, N = 30, CFG, batch {big if dry and big else 64}",
-            f">= {CLIPS_PER_S_B64:g} clips/s",
-            None if not b64 else f"{b64['clips_per_s']:g} clips/s at N = {b64['steps']}",
-            judge(None if not b64 else b64["clips_per_s"] >= CLIPS_PER_S_B64),
-            "generate",
-        )
+    add(
+        "generate_b64",
+        f"image->audio, N = 30, CFG, batch {big if dry and big else 64}",
+        f">= {CLIPS_PER_S_B64:g} clips/s",
+        "generate",
+        _find(gen, batch=big, guidance=3.0),
+        lambda r: f"{r['clips_per_s']:g} clips/s at N = {r['steps']}",
+        lambda r: r["clips_per_s"] >= CLIPS_PER_S_B64,
     )
-    rows.append(
-        _target(
-            "generate_b1",
-            "image->audio, N = 30, CFG, batch 1",
-            f"<= {S_PER_CLIP_B1:g} s/clip",
-            None if not b1 else f"{b1['s_per_clip']:g} s/clip at N = {b1['steps']}",
-            judge(None if not b1 else b1["s_per_clip"] <= S_PER_CLIP_B1),
-            "generate",
-        )
+    add(
+        "generate_b1",
+        "image->audio, N = 30, CFG, batch 1",
+        f"<= {S_PER_CLIP_B1:g} s/clip",
+        "generate",
+        b1,
+        lambda r: f"{r['s_per_clip']:g} s/clip at N = {r['steps']}",
+        lambda r: r["s_per_clip"] <= S_PER_CLIP_B1,
     )
     im2wav = results.get("im2wav")
-    if im2wav and b1:
-        ratio = im2wav["s_per_audio_second"] / b1["s_per_audio_second"]
-        measured = (
-            f"{ratio:.3g}x ({im2wav['s_per_audio_second']:g} vs "
-            f"{b1['s_per_audio_second']:g} s per second of audio"
-            + (", Im2Wav extrapolated" if im2wav["extrapolated"] else "")
-            + ")"
-        )
-    else:
-        ratio, measured = None, None
-    rows.append(
-        _target(
-            "im2wav_ratio",
-            "Im2Wav-size AR sampler / this model (CFG, batch 1), same card",
-            "reported (no target)",
-            measured,
-            None,
-            "im2wav",
-        )
+    add(
+        "im2wav_ratio",
+        "Im2Wav-size AR sampler / this model (CFG, batch 1), same card",
+        "reported (no target)",
+        "im2wav",
+        (im2wav, b1) if im2wav and b1 else None,
+        _ratio_figure,
     )
-    tok = results.get("tokenize") or {}
     official = (results.get("encoders") or {}).get("official")
     for modality, unit, goal in (
         ("image", "img/s", IMAGES_PER_S_TF32),
         ("audio", "mels/s", MELS_PER_S_TF32),
     ):
         row = _find(official, modality=modality, precision="tf32")
-        where = (
-            ""
-            if not row
-            else f" ({row['device']}, batch {row['batch']}, input {'x'.join(map(str, row['shape']))}"
-            + (
-                f", ran as {row['effective_precision']}"
-                if row["effective_precision"] != "tf32"
-                else ""
-            )
-            + ")"
+        add(
+            f"encoder_{modality}",
+            f"official {modality} encoder, TF32",
+            f">= {goal:g} {unit}",
+            "encoders",
+            row,
+            lambda r, unit=unit: _encoder_figure(r, unit),
+            lambda r, goal=goal: r["per_s"] >= goal,
         )
-        rows.append(
-            _target(
-                f"encoder_{modality}",
-                f"official {modality} encoder, TF32",
-                f">= {goal:g} {unit}",
-                None if not row else f"{row['per_s']:g} {unit}{where}",
-                judge(None if not row else row["per_s"] >= goal),
-                "encoders",
-            )
+        add(
+            f"encoder_{modality}_ids",
+            f"official {modality} encoder, TF32 ids equal to fp32's",
+            f">= {IDS_EQUAL_FP32:.1%}",
+            "encoders",
+            row,
+            lambda r: f"{r['ids_equal_fp32']:.2%}",
+            lambda r: r["ids_equal_fp32"] >= IDS_EQUAL_FP32,
         )
-        rows.append(
-            _target(
-                f"encoder_{modality}_ids",
-                f"official {modality} encoder, TF32 ids equal to fp32's",
-                f">= {IDS_EQUAL_FP32:.1%}",
-                None if not row else f"{row['ids_equal_fp32']:.2%}",
-                judge(None if not row else row["ids_equal_fp32"] >= IDS_EQUAL_FP32),
-                "encoders",
-            )
-        )
-    pipe = tok.get("pipeline")
-    rows.append(
-        _target(
-            "tokenize_overhead",
-            "tokenize stage (Ray Data) against the bare encoder loop, same clips",
-            f"<= {TOKENIZE_OVERHEAD:.0%} slower (Ray start-up excluded)",
-            None
-            if not pipe
-            else f"{pipe['overhead']:+.1%} on {pipe['clips']['main']} clips on {pipe['device']}"
-            + (
-                f" (fixed {pipe['fixed_s']:g} s/job, {pipe['marginal']:+.1%}/clip)"
-                if "fixed_s" in pipe
-                else ""
-            )  # fmt: skip
-            + ("" if pipe["ids_identical"] else "; ids DIFFER"),
-            judge(None if not pipe else pipe["overhead"] <= TOKENIZE_OVERHEAD),
-            "tokenize",
-        )
+    add(
+        "tokenize_overhead",
+        "tokenize stage (Ray Data) against the bare encoder loop, same clips",
+        f"<= {TOKENIZE_OVERHEAD:.0%} slower (Ray start-up excluded)",
+        "tokenize",
+        (results.get("tokenize") or {}).get("pipeline"),
+        _tokenize_figure,
+        lambda p: p["overhead"] <= TOKENIZE_OVERHEAD,
     )
-    return rows
+    return rows  # fmt: skip
 
 
 def _cell(text: Any) -> str:
