@@ -722,7 +722,7 @@ def run_extract(
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     io.clean_dir_leftovers(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{io.TMP_PREFIX}{out_dir.name}.new-", dir=out_dir.parent))
+    tmp = io.make_temp_dir(out_dir)
     try:
         done = _compact(_iter_chunk_rows(cache, chunks), cfg, tmp)
         io.write_table(
