@@ -163,8 +163,8 @@ def check_targets(targets: Sequence[Target], inputs: Sequence[Path], overwrite: 
         source = given.get(path.resolve())
         if source is not None and not overwrite:
             raise OutputError(
-                f"{path} is the input {source}; choose another --out, or add --overwrite to "
-                "replace it"
+                f"the output {path} would replace the input {source}; choose another --out, "
+                "or add --overwrite to replace it"
             )
     for folder in dict.fromkeys(p.parent for p in files):
         _check_folder(folder)
@@ -179,7 +179,8 @@ def _check_folder(folder: Path) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise OutputError(f"cannot write in {folder}: {existing} is a file, not a folder")
+        what = "it" if existing == folder else str(existing)
+        raise OutputError(f"cannot write in {folder}: {what} is a file, not a folder")
     try:
         fd, probe = tempfile.mkstemp(prefix=f"{io.TMP_PREFIX}probe-", dir=existing)
     except OSError as err:
@@ -198,7 +199,6 @@ def run_command(args: argparse.Namespace) -> str:
     """Check the flags and every output, load the model and the inputs, generate, write;
     returns the closing line."""
     from pipeline.inference import inpaint, inputs, settings
-    from pipeline.inference.generate import Generator
 
     task = args.task
     _check_numbers(args)
@@ -214,6 +214,8 @@ def run_command(args: argparse.Namespace) -> str:
     named = audio_files if task in ("audio2image", "inpaint_audio") else image_files
     targets = plan_targets(task, args.out, _names(named) if named else ["sample"], args.samples)
     check_targets(targets, [*image_files, *audio_files], args.overwrite)
+
+    from pipeline.inference.generate import Generator  # torch: seconds to import
 
     generator = Generator(args.checkpoint, args.tokenizers, cfg, cfg.device)
     extract = generator.extract_config
