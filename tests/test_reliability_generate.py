@@ -554,3 +554,23 @@ def test_a_params_file_that_is_named_but_missing_is_an_error(cli, tmp_path, no_g
     picture = _picture(tmp_path / "cat.png")
     _refused(cli("image2audio", "--image", str(picture), "--params", "nope.yaml", "--out",
                  "cat.wav"), "nope.yaml")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("{not json", "not readable JSON"),
+        ('{"steps": 3}', 'must hold {"generate"'),
+        ('{"generate": {"stepz": 3}}', "stepz: is not a known key"),
+        ('{"generate": {"steps": 0}}', "steps: must be between 1 and 1000"),
+    ],
+)
+def test_a_broken_generation_json_is_one_sentence(cli, models, tmp_path, no_generation, text,
+                                                  words):  # fmt: skip
+    import shutil
+
+    exported = tmp_path / "exported"
+    shutil.copytree(models / "transformer", exported)
+    (exported / "generation.json").write_text(text)
+    _refused(cli("image2audio", "--image", str(_picture(tmp_path / "cat.png")), "--out",
+                 "cat.wav", checkpoint_dir=exported), "generation.json", words)  # fmt: skip
