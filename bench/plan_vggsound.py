@@ -5,7 +5,7 @@
 
 A calculator, not a measurement: it multiplies per-clip and per-sample figures by the clip
 counts and prints a Markdown table. Each default below names its source: measured in
-bench/README.md or README.md, computed from the model and the params, or assumed where nothing
+bench/README.md or docs/benchmarks.md, computed from the model and the params, or assumed where nothing
 was measured (every assumption is a flag). Measure on the real cluster and pass the figures back.
 Wall times assume perfect scaling over the given workers, GPUs or cores.
 """
@@ -32,7 +32,7 @@ LAYOUT = TokenLayout(
     ModalityLayout("audio", 1024, (5, 53)), ModalityLayout("image", 1024, (16, 16))
 )
 FRAMES = 10
-MEL_SHAPE = (80, 848)  # SpecVQGAN's mel, stored as float16 by extract (README.md "extract")
+MEL_SHAPE = (80, 848)  # SpecVQGAN's mel, stored as float16 by extract (docs/stages.md, "extract")
 
 # download: pacing from params.yaml `download.vggsound` (sleep_interval 2.0 .. max_sleep_interval
 # 6.0 -> 4.0 s on average before each clip; sleep_requests 0.75 s between extraction requests).

@@ -1,8 +1,10 @@
 """Benchmark: the tokenize stage's Ray Data job against a plain PyTorch loop on the same clips.
 
     .venv/bin/python bench/tokenize_throughput.py [--work DIR] [--classes 8] [--train 10] [--test 2]
-                                       [--image-size 64] [--repeat 2] [--save-gpu-inputs]
+                                       [--image-size 64] [--repeat 2] [--save-gpu-inputs] [--json F]
     python3 bench/tokenize_throughput.py --gpu-only [--work DIR]          (a CUDA machine; Ray not needed)
+    .venv/bin/python bench/tokenize_throughput.py --official-device cpu --official-batch 2 \
+        --official-crop 32 ...                      (the encoder part's code path on a CPU, tiny)
 
 Pipeline part (CPU, or CUDA for both sides when present): renders classes x (train + test)
 synthetic clips with the real generator, extracts them at --image-size, saves random-init
@@ -20,6 +22,12 @@ then the demo tokenizers through `tokenize_plain` on cuda per precision against 
 WORK holds the prepared data. Weights are random, so agreement is only indicative of trained
 ones. The official encoders eat frames and mels of synthetic clips rendered at 256x256
 (`WORK/gpu_inputs.npz`, written here with --save-gpu-inputs, since making mels needs librosa).
+`--official-device cpu` runs that part on a CPU (every precision is fp32 there), with
+`--official-crop S` cutting frames to S x S and mels to their first S frames: a smoke run of the
+code path (bench/gpu_check.sh --dry), not a figure.
+
+The pipeline part needs ffmpeg only to make WORK: a WORK made elsewhere (its `made-*` stamp
+there) is reused as it is. `--json F` also writes every figure to F.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import multiprocessing  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
@@ -52,6 +61,7 @@ from pipeline.tokenizers.tokenizer import InputSpec, Tokenizer, vqgan_config  # 
 from pipeline.tokenizers.vqgan import IMAGENET_F16_1024, VGGSOUND_CODEBOOK, VQModel  # noqa: E402
 
 GPU_BATCH = 64
+OFFICIAL_FRAME_SIZE = 256  # the official image encoder's frames (IMAGENET_F16_1024)
 
 
 def device_line() -> str:
@@ -63,7 +73,8 @@ def device_line() -> str:
 
 
 def prepare(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
-    """Synthetic clips -> extract -> random-init demo tokenizers; reused when already there."""
+    """Synthetic clips -> extract -> random-init demo tokenizers; reused when already there
+    (the clips and extract by their stamp, which a WORK made elsewhere brings along)."""
     from pipeline.data import extract
     from pipeline.data.manifest import write_manifest
     from pipeline.data.synthetic import generate_dataset
@@ -86,6 +97,8 @@ def prepare(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
         extract.run_extract(
             replace(params.extract, image_size=args.image_size), clips, extract_dir, work / "cache"
         )
+        stamp.touch()
+    if not (tok / "audio").is_dir():
         torch.manual_seed(0)
         specs = {
             "image": InputSpec("image", (3, args.image_size, args.image_size)),
@@ -95,7 +108,6 @@ def prepare(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
             arch = getattr(params.tokenizers, modality).arch
             model = VQModel(vqgan_config(arch, spec))
             Tokenizer(modality, model, spec, {"source": "random-init"}).save(tok / modality)
-        stamp.touch()
     return extract_dir, tok
 
 
@@ -107,7 +119,11 @@ def save_gpu_inputs(path: Path, count: int = GPU_BATCH) -> None:
     params = load_params()
     per_class = -(-count // params.download.synthetic.num_classes)
     synth = replace(
-        params.download.synthetic, width=256, height=256, fps=1, train_per_class=per_class
+        params.download.synthetic,
+        width=OFFICIAL_FRAME_SIZE,
+        height=OFFICIAL_FRAME_SIZE,
+        fps=1,
+        train_per_class=per_class,
     )
     specs = [s for s in clip_specs(synth) if s.split == "train"][:count]
     frames, mels = [], []
@@ -139,15 +155,15 @@ def plain_in_fresh_process(*args) -> tuple[float, dict]:
         return pool.submit(_plain_run, *args).result()
 
 
-def bench_pipeline(work: Path, args: argparse.Namespace) -> None:
+def bench_pipeline(work: Path, args: argparse.Namespace) -> dict:
     """Plain loop vs Ray stage on the main set and on a small one (8 x (1 + 1) clips): the small
-    set measures the fixed cost of a Ray job, the difference the per-clip (marginal) overhead."""
-    sets = {
-        "main": prepare(work, args),
-        "small": prepare(
+    set measures the fixed cost of a Ray job, the difference the per-clip (marginal) overhead.
+    A main set no larger than the small one is timed alone. Returns the figures."""
+    sets = {"main": prepare(work, args)}
+    if (args.train, args.test) != (1, 1):
+        sets["small"] = prepare(
             work / "small", argparse.Namespace(**{**vars(args), "train": 1, "test": 1})
-        ),
-    }
+        )
     params = load_params()
     cuda = torch.cuda.is_available()
     cfg = replace(params.tokenize, num_gpus_per_actor=1 if cuda else 0, output_uri="")
@@ -195,62 +211,114 @@ def bench_pipeline(work: Path, args: argparse.Namespace) -> None:
             f"      runs plain {', '.join(f'{x:.2f}' for x in plain_s[name])}; "
             f"Ray {', '.join(f'{x:.2f}' for x in ray_s[name])}"
         )
-    (pm, rm, _), (ps, rs, _) = best["main"], best["small"]
-    fixed = rs - ps
-    marginal = ((rm - rs) - (pm - ps)) / (pm - ps) * 100
+    pm, rm, _ = best["main"]
+    result = {
+        "clips": clips,
+        "device": device,
+        "ray_startup_s": round(startup_s, 3),
+        "plain_s": {n: round(v[0], 4) for n, v in best.items()},
+        "ray_s": {n: round(v[1], 4) for n, v in best.items()},
+        "ray_job_s": {n: round(v[2], 4) for n, v in best.items()},
+        "ids_identical": all(same.values()),
+        "overhead": round((rm - pm) / pm, 4),
+    }
+    parts = ""
+    if "small" in best:
+        ps, rs, _ = best["small"]
+        result["fixed_s"] = round(rs - ps, 3)
+        result["marginal"] = round(((rm - rs) - (pm - ps)) / (pm - ps), 4)
+        parts = (
+            f" = a fixed ~{rs - ps:.1f} s per job + {result['marginal'] * 100:+.1f} % per clip "
+            f"(from the {clips['main'] - clips['small']} clips the sets differ by)"
+        )
     print(
         f"Ray overhead (start-up excluded): {(rm - pm) / pm * 100:+.1f} % on {clips['main']} clips "
-        f"(target <= 15 %) = a fixed ~{fixed:.1f} s per job + {marginal:+.1f} % per clip "
-        f"(from the {clips['main'] - clips['small']} clips the sets differ by)"
+        f"(target <= 15 %){parts}"
     )
+    return result
 
 
 # ------------------------------------------------------------------------------------ GPU part
 
 
-def _time(fn, repeat: int) -> float:
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, repeat: int, device: str = "cuda") -> float:
     fn()  # warm-up: cuDNN algorithm choice, allocator
-    torch.cuda.synchronize()
+    _sync(device)
     start = time.perf_counter()
     for _ in range(repeat):
         fn()
-    torch.cuda.synchronize()
+    _sync(device)
     return (time.perf_counter() - start) / repeat
 
 
-def bench_gpu(inputs: Path, repeat: int) -> None:
+def bench_gpu(
+    inputs: Path,
+    repeat: int,
+    device: str = "cuda",
+    batch_size: int = GPU_BATCH,
+    crop: int | None = None,
+) -> list[dict]:
+    """Images/s and mels/s of the official encoders per precision, with the share of ids equal
+    to fp32's; `crop` (a multiple of 16) cuts frames to crop x crop and mels to their first
+    `crop` frames (a smoke run's size). Returns one dict per (modality, precision)."""
     data = np.load(inputs)
-    frames = np.resize(data["frames"], (GPU_BATCH, *data["frames"].shape[1:]))
-    mels = np.resize(data["mels"], (GPU_BATCH, *data["mels"].shape[1:])).astype(np.float32)
+    frames, mels = data["frames"], data["mels"]
+    if crop:
+        frames, mels = frames[:, :crop, :crop], mels[:, :, :crop]
+    frames = np.resize(frames, (batch_size, *frames.shape[1:]))
+    mels = np.resize(mels, (batch_size, *mels.shape[1:])).astype(np.float32)
     cases = [
-        ("image", IMAGENET_F16_1024, InputSpec("image", (3, 256, 256)), frames, "images"),
+        ("image", IMAGENET_F16_1024, InputSpec("image", (3, *frames.shape[1:3])), frames, "images"),
         ("audio", VGGSOUND_CODEBOOK, InputSpec("mel", (1, *mels.shape[1:])), mels, "mels"),
     ]
     torch.manual_seed(0)
+    results = []
     for modality, cfg, spec, batch, unit in cases:
-        tok = Tokenizer(modality, VQModel(cfg).cuda(), spec, {})
+        tok = Tokenizer(modality, VQModel(cfg).to(device), spec, {})
         x = tok.preprocess(batch)
         ref = None
         for precision in bt.PRECISIONS:
-            with bt.encoder_numerics(precision, "cuda"):
-                seconds = _time(lambda tok=tok, x=x: tok.model.encode(x), repeat)
+            with bt.encoder_numerics(precision, device) as effective:
+                seconds = _time(lambda tok=tok, x=x: tok.model.encode(x), repeat, device)
                 ids = tok.model.encode(x).cpu().numpy()
             ref = ids if ref is None else ref
             agree = float((ids == ref).mean())
             print(
-                f"{modality} official encoder {tuple(spec.shape)} batch {GPU_BATCH} {precision}: "
-                f"{GPU_BATCH / seconds:8.1f} {unit}/s, ids equal to fp32: {agree:.2%}"
+                f"{modality} official encoder {tuple(spec.shape)} batch {batch_size} {precision} "
+                f"on {device}{'' if effective == precision else f' (ran as {effective})'}: "
+                f"{batch_size / seconds:8.1f} {unit}/s, ids equal to fp32: {agree:.2%}"
+            )
+            results.append(
+                {
+                    "modality": modality,
+                    "shape": list(spec.shape),
+                    "batch": batch_size,
+                    "device": device,
+                    "precision": precision,
+                    "effective_precision": effective,
+                    "unit": unit,
+                    "per_s": round(batch_size / seconds, 2),
+                    "ids_equal_fp32": round(agree, 5),
+                }
             )
         del tok, x
-        torch.cuda.empty_cache()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return results
 
 
-def bench_demo_cuda(work: Path) -> None:
+def bench_demo_cuda(work: Path) -> list[dict]:
     """The demo tokenizers through `tokenize_plain` on cuda per precision, against cpu fp32."""
     extract_dir, tok = work / "extract", work / "tokenizers"
     if not (extract_dir / "meta.json").exists() or not (tok / "image").exists():
         print(f"demo-tokenizer part skipped: no prepared data in {work}")
-        return
+        return []
+    results = []
     ref = bt.tokenize_plain(extract_dir, tok, "fp32", batch_size=64, device="cpu")
     for precision in bt.PRECISIONS:
         bt.tokenize_plain(extract_dir, tok, precision, batch_size=64, device="cuda")  # warm-up
@@ -263,6 +331,15 @@ def bench_demo_cuda(work: Path) -> None:
             f"demo tokenizers, plain loop on cuda {precision}: {len(ref) / seconds:.1f} clips/s; "
             f"ids equal to cpu fp32: image {image:.2%}, audio {audio:.2%}"
         )
+        results.append(
+            {
+                "precision": precision,
+                "clips_per_s": round(len(ref) / seconds, 2),
+                "image_ids_equal_cpu_fp32": round(float(image), 5),
+                "audio_ids_equal_cpu_fp32": round(float(audio), 5),
+            }
+        )
+    return results
 
 
 def main() -> None:
@@ -276,19 +353,56 @@ def main() -> None:
     parser.add_argument("--gpu-repeat", type=int, default=5)
     parser.add_argument("--gpu-only", action="store_true", help="skip the Ray comparison")
     parser.add_argument("--save-gpu-inputs", action="store_true")
+    parser.add_argument(
+        "--official-device",
+        help="where the official encoders run: cuda, cpu or none (default: cuda when torch "
+        "sees it, else none)",
+    )
+    parser.add_argument("--official-batch", type=int, default=GPU_BATCH)
+    parser.add_argument(
+        "--official-crop", type=int, help="cut frames and mels to this size (a smoke run)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="make WORK's clips and extract (both sets), without the clips' videos, and stop",
+    )
     args = parser.parse_args()
+    if args.official_crop is not None and (
+        args.official_crop <= 0 or args.official_crop % 16 or args.official_crop > 256
+    ):
+        raise SystemExit("--official-crop must be a multiple of 16 between 16 and 256")
 
-    print(f"machine: {device_line()}")
+    if args.prepare_only:
+        small = argparse.Namespace(**{**vars(args), "train": 1, "test": 1})
+        for folder, how in ((args.work, args), (args.work / "small", small)):
+            prepare(folder, how)
+            # What a GPU machine needs: the stamp and the extract (the tokenizers are made there).
+            for name in ("clips", "cache", "tokenizers"):
+                shutil.rmtree(folder / name, ignore_errors=True)
+        print(f"prepared {args.work}")
+        return
+
+    result: dict = {"machine": device_line(), "torch": torch.__version__}
+    print(f"machine: {result['machine']}")
     inputs = args.work / "gpu_inputs.npz"
+    official = args.official_device or ("cuda" if torch.cuda.is_available() else "none")
+    official = None if official == "none" else official
     if not args.gpu_only:
-        bench_pipeline(args.work, args)
-    if args.save_gpu_inputs or (torch.cuda.is_available() and not inputs.exists()):
-        save_gpu_inputs(inputs)
-    if torch.cuda.is_available():
-        bench_gpu(inputs, args.gpu_repeat)
-        bench_demo_cuda(args.work)
+        result["pipeline"] = bench_pipeline(args.work, args)
+    if args.save_gpu_inputs or (official and not inputs.exists()):
+        save_gpu_inputs(inputs, args.official_batch)
+    if official:
+        result["official"] = bench_gpu(
+            inputs, args.gpu_repeat, official, args.official_batch, args.official_crop
+        )
     else:
-        print("GPU part skipped: torch sees no CUDA device")
+        print("official-encoder part skipped: torch sees no CUDA device or --official-device none")
+    if torch.cuda.is_available():
+        result["demo_cuda"] = bench_demo_cuda(args.work)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import math
 import os
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
 from pipeline.errors import PipelineError
+
+T = TypeVar("T")
 
 PARAMS_FILE = "params.yaml"
 PARAM_READS_ENV = "VISUAL_ECHOES_PARAM_READS"
@@ -528,8 +531,13 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         _check(1 <= self.steps <= 1000, "steps", "must be between 1 and 1000")
-        _check(self.temperature >= 0, "temperature", "must not be negative")
-        _check(self.guidance >= 0, "guidance", "must not be negative (1: no guidance)")
+        # `>= 0` alone lets inf through (NaN fails it): either gives NaN confidences
+        _check(0 <= self.temperature < math.inf, "temperature", "must be a finite number >= 0")
+        _check(
+            0 <= self.guidance < math.inf,
+            "guidance",
+            "must be a finite number >= 0 (1: no guidance)",
+        )
         _check(self.batch_size >= 1, "batch_size", "must be at least 1")
         _check(0 <= self.drop_ratio < 1, "drop_ratio", "must be in [0, 1)")
 
@@ -722,15 +730,15 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
-def parse_section(cls: type, data: Any, key: str) -> Any:
-    """The frozen dataclass `cls` built from the mapping `data` with params.yaml's checks (every
-    key known and present, values coerced to the field types); errors name `key`.the.field."""
-    return _build(cls, data, key)
-
-
 def parse_params(data: Any) -> Params:
     """Validate a params mapping (as read from YAML) and return the frozen `Params`."""
     return _build(Params, data, "")
+
+
+def parse_section(cls: type[T], data: Any, key: str) -> T:
+    """One section dataclass (e.g. `GenerateConfig` from a model's generation.json) from a
+    mapping, checked as params.yaml is; `key` names it in errors."""
+    return _build(cls, data, key)
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:

@@ -2,6 +2,9 @@
 
 A stage never leaves a half-written file under its final name: everything is written to a
 temporary sibling and renamed into place (rename is atomic on POSIX within one filesystem).
+Temporaries are created with the mode the umask gives (0644 files and 0755 folders under umask
+022), as `open` and `mkdir` would: `tempfile`'s private 0600 / 0700 would follow the rename and
+lock teammates out of every output on a shared file system.
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ import csv
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +32,39 @@ TMP_PREFIX = ".tmp-"
 META_NAME = "meta.json"
 
 
+def _create_unique(folder: Path, prefix: str, create: Callable[[Path], None]) -> Path:
+    """`folder / (prefix + random hex)`, made by `create`, which must fail on an existing path."""
+    for _ in range(100):
+        path = folder / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            create(path)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free temporary name {prefix}... in {folder}")
+
+
+def _new_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # less the umask
+
+
+def make_temp_dir(out_dir: str | Path, kind: str = "new") -> Path:
+    """An empty folder `.tmp-<name>.<kind>-XXXXXXXX` beside `out_dir` (its parent is created),
+    mode 0777 less the umask, to build `out_dir` in and then `replace_dir` it into place."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return _create_unique(out_dir.parent, f"{TMP_PREFIX}{out_dir.name}.{kind}-", Path.mkdir)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds.
+
+    The temporary exists (empty) with mode 0666 less the umask; a writer that truncates or
+    replaces it leaves that mode."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = _create_unique(path.parent, f"{TMP_PREFIX}{path.name}.", _new_file)
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
@@ -96,7 +124,7 @@ def replace_dir(tmp: Path, out_dir: Path) -> None:
     """Move the finished folder `tmp` to `out_dir`, removing what was there (stale files too)."""
     old = None
     if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out_dir.name}.old-", dir=out_dir.parent))
+        old = make_temp_dir(out_dir, "old")
         os.replace(out_dir, old / "x")
     os.replace(tmp, out_dir)
     if old is not None:

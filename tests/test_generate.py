@@ -147,13 +147,14 @@ def test_bad_input_is_one_sentence_and_exit_1(cli, tmp_path, case, pattern):
                      str(_wav(tmp_path / "t.wav")), "--start", "5", "--end", "3"],
     }[case]  # fmt: skip
     (tmp_path / "fake.png").write_text("hello")
-    code, out, err = cli(*args, "--out", str(tmp_path / "out.wav"))
+    out_file = tmp_path / ("out.png" if args[0] == "audio2image" else "out.wav")
+    code, out, err = cli(*args, "--out", str(out_file))
     assert code == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("visual-echoes: error:"), err
     assert pattern in lines[0]
     assert "Traceback" not in err
-    assert not (tmp_path / "out.wav").exists()
+    assert not out_file.exists()
 
 
 def test_mismatched_tokenizers_are_refused(cli, repo, tmp_path):

@@ -343,5 +343,12 @@ def test_bench_machine_names_the_cpu_generation_behind_one_model_name():
     assert module.amd_generation(0x19, 0x61) == "Zen 4"
     intel = {**zen1, "vendor_id": "GenuineIntel", "cpu family": "6", "model": "143"}
     intel["model name"] = "Intel Xeon"
-    assert module.cpu_description(intel) == "Intel Xeon (family 6 model 143: AVX2)"
+    assert module.cpu_description(intel) == "Intel Xeon (family 6 model 143: Sapphire Rapids, AVX2)"
+    # A virtual machine's bare model name: the family and model still say which generation.
+    vm = {**intel, "model name": "Intel(R) Xeon(R) Processor", "model": "167", "flags": "avx512f"}
+    assert module.cpu_description(vm) == (
+        "Intel(R) Xeon(R) Processor (family 6 model 167: Rocket Lake, AVX-512)"
+    )
+    unknown = {**intel, "model": "250"}
+    assert module.cpu_description(unknown) == "Intel Xeon (family 6 model 250: AVX2)"
     assert module.cpu_description({"model name": "Apple M2"}) == "Apple M2"

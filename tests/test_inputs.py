@@ -249,9 +249,9 @@ def test_mel_of_a_video_is_what_extract_stores(media_dir: Path, name: str) -> No
     assert ("looped_audio" in flags) == (name == "short.mp4")  # both padding paths are covered
 
 
-@pytest.mark.parametrize("seconds", [3.0, 0.7])
+@pytest.mark.parametrize("seconds", [3.0, 1.3])
 def test_mel_of_a_wav_is_log_mel_of_its_samples(tmp_path: Path, seconds: float) -> None:
-    # 3 s is cut to the clip's 2 s, 0.7 s is looped, both inside log_mel as extract does.
+    # 3 s is cut to the clip's 2 s, 1.3 s is looped, both inside log_mel as extract does.
     wave = chirp(seconds)
     audio.save_wav(tmp_path / "a.wav", wave, SR)
     mel = load_mel(tmp_path / "a.wav", CFG)
@@ -278,6 +278,46 @@ def test_compressed_audio_formats(tmp_path: Path) -> None:
         assert mel.shape == ref.shape and np.abs(mel - ref).mean() < 0.03, name
     if missing:
         pytest.skip(f"this ffmpeg lacks {', '.join(missing)}; the other formats passed")
+
+
+@pytest.mark.parametrize("name", ["long.mp4", "short.mp4"])
+def test_a_sound_is_looped_when_extract_loops_it(media_dir: Path, name: str) -> None:
+    sound = inputs.load_sound(media_dir / name, CFG)
+    assert np.array_equal(sound.mel, load_mel(media_dir / name, CFG))
+    assert sound.looped == ("looped_audio" in stored_mel(media_dir / name)[1])
+    assert sound.seconds == pytest.approx(min(CFG.clip_seconds, 3.0 if name == "long.mp4" else 1.2),
+                                          abs=0.05)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def truncated_mp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-s MP4 (header first) cut to 30 % of its bytes: about 0.8 s of it decodes."""
+    d = tmp_path_factory.mktemp("truncated")
+    ff("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=10", "-f", "lavfi", "-i",
+       "sine=sample_rate=22050", "-t", "4", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+       "-c:a", "aac", "-movflags", "+faststart", str(d / "full.mp4"))  # fmt: skip
+    data = (d / "full.mp4").read_bytes()
+    (d / "truncated.mp4").write_bytes(data[: int(len(data) * 0.3)])
+    return d / "truncated.mp4"
+
+
+def test_a_truncated_video_is_refused_as_extract_refuses_it(truncated_mp4: Path) -> None:
+    with pytest.raises(extract.ClipError, match="truncated"):  # the stage's verdict
+        extract.extract_clip(truncated_mp4, CFG)
+    for loader in (load_image, load_mel, load_pair):
+        with pytest.raises(InputError, match="truncated") as info:
+            loader(truncated_mp4, CFG)
+        assert str(truncated_mp4) in str(info.value) and "\n" not in str(info.value)
+    # the whole file is fine
+    load_pair(truncated_mp4.with_name("full.mp4"), CFG)
+
+
+@pytest.mark.parametrize("seconds", [0.14, 0.9])
+def test_a_sound_under_extracts_minimum_is_refused(tmp_path: Path, seconds: float) -> None:
+    audio.save_wav(tmp_path / "short.wav", chirp(seconds), SR)
+    with pytest.raises(InputError, match="too short") as info:
+        load_mel(tmp_path / "short.wav", CFG)
+    assert f"{extract.MIN_SECONDS:g} s" in str(info.value)
 
 
 # ------------------------------------------------------------------------------------ errors

@@ -281,3 +281,24 @@ def test_sigterm_then_sigkill_mid_run_then_a_rerun_loses_and_refetches_nothing(
         if clip_id in after_kill:
             assert count()[i] == requests[i], clip_id
     _assert_honest(clips, done)
+
+
+def test_a_failed_download_run_under_dvc_keeps_the_previous_summary(tmp_path):
+    """DVC deletes a stage's outputs before it runs; the summary of the last good run must stay
+    (dvc.lock still describes that run)."""
+    import json
+
+    import yaml
+    from conftest import new_tiny_repo, run_in
+
+    repo = new_tiny_repo(tmp_path / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["download"]["source"] = "local"
+    params["download"]["local"] = {"videos_dir": "nowhere", "labels_csv": "nowhere.csv"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    summary = repo / "reports" / "download" / "summary.json"
+    summary.parent.mkdir(parents=True)
+    summary.write_text(json.dumps({"clips": 3, "ok": 3}))
+    out = run_in(repo, "dvc", "repro", "download", check=False)
+    assert "download: error:" in out and "Traceback" not in out, out
+    assert json.loads(summary.read_text()) == {"clips": 3, "ok": 3}

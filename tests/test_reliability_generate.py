@@ -69,19 +69,32 @@ def models(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def cli(models, tmp_path, capsys):
-    """`visual-echoes <task> ... --out tmp/out.*` on the micro models: (status, stdout, stderr)."""
+def cli(models, tmp_path, capsys, monkeypatch):
+    """`visual-echoes <task> ... --out tmp/out.*` on the micro models, run in `tmp_path` (no
+    params.yaml there or beside the models): (status, stdout, stderr)."""
+    monkeypatch.chdir(tmp_path)
 
-    def call(*args: str, checkpoint_dir: Path | None = None) -> tuple[int, str, str]:
+    def call(task: str, *args: str, checkpoint_dir: Path | None = None) -> tuple[int, str, str]:
         code = main([
-            *args, "--checkpoint", str(checkpoint_dir or models / "transformer"),
-            "--tokenizers", str(models / "tokenizers"), "--steps", "2",
-            "--params", str(tmp_path / "none.yaml"), "--device", "cpu",
+            task, "--checkpoint", str(checkpoint_dir or models / "transformer"),
+            "--tokenizers", str(models / "tokenizers"), "--steps", "2", "--device", "cpu",
+            *args,  # last, so that a test's own --steps wins
         ])  # fmt: skip
         out = capsys.readouterr()
         return code, out.out, out.err
 
     return call
+
+
+@pytest.fixture
+def no_generation(monkeypatch):
+    """Fails the test if a model is loaded: these refusals must come before any generation."""
+    from pipeline.inference import generate
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the refusal")
+
+    monkeypatch.setattr(generate, "Generator", refuse)
 
 
 def _refused(result: tuple[int, str, str], *words: str) -> str:
@@ -184,8 +197,9 @@ def test_inputs_whose_name_or_kind_lies_are_one_sentence(
         os.mkfifo(path)  # opening it would block forever
     elif make == "symlink-loop":
         path.symlink_to(name)
-    _refused(cli(task, f"{flag}={name}", "--out", "out.wav"), words)  # "=": argparse sees "-y"
-    assert not Path("out.wav").exists() and not Path("generated").exists()
+    out = "out.png" if task == "audio2image" else "out.wav"
+    _refused(cli(task, f"{flag}={name}", "--out", out), words)  # "=": argparse sees "-y"
+    assert not Path(out).exists() and not Path("generated").exists()
 
 
 def test_a_video_with_a_hostile_name_and_a_wrong_extension_is_used(cli, tmp_path, monkeypatch):
@@ -199,7 +213,8 @@ def test_a_video_with_a_hostile_name_and_a_wrong_extension_is_used(cli, tmp_path
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
     for task, flag in (("audio2image", "--audio"), ("image2audio", "--image")):
-        code, _, err = cli(task, f"{flag}={name}", "--out", f"{task}.out")
+        suffix = ".png" if task == "audio2image" else ".wav"
+        code, _, err = cli(task, f"{flag}={name}", "--out", f"{task}{suffix}")
         assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [name, "audio2image.png", "image2audio.wav", "image2audio.mel.png"]
@@ -255,3 +270,307 @@ def test_a_transformer_checkpoint_that_does_not_fit_is_refused(cli, models, tmp_
     message = _refused(cli("image2audio", "--image", str(tmp_path / "p.png"), "--out",
                            str(tmp_path / "o.wav"), checkpoint_dir=folder), *words)  # fmt: skip
     assert not marker.exists() and not (tmp_path / "o.wav").exists(), message
+
+
+# ------------------------------------------------------------------------------------ outputs
+
+REAL_CLIP = ROOT / "tests" / "data" / "vggsound" / "FwVYUHKoLtQ_000034.wav"  # 10 s, 16 kHz mono
+
+
+def _picture(path: Path, size: tuple[int, int] = (50, 40), seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _pcm(path: Path) -> tuple[np.ndarray, int]:
+    """A 16-bit WAV's samples (frames, channels) and rate."""
+    import wave
+
+    with wave.open(str(path)) as w:
+        assert w.getsampwidth() == 2
+        data = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+        return data.reshape(-1, w.getnchannels()), w.getframerate()
+
+
+@pytest.mark.parametrize("task", ["inpaint-audio", "inpaint-image"])
+def test_an_output_that_is_an_input_is_refused_before_any_generation(
+    cli, tmp_path, no_generation, task
+):
+    picture, sound = _picture(tmp_path / "orig.png"), _wav(tmp_path / "orig.wav")
+    before = {p: p.read_bytes() for p in (picture, sound)}
+    span = ["--start", "0.5", "--end", "1"] if task == "inpaint-audio" else ["--box", *"0404"]
+    target = sound if task == "inpaint-audio" else picture
+    (tmp_path / "sub").mkdir()
+    for spelling in (str(target), target.name, f"{tmp_path}/sub/../{target.name}"):
+        _refused(cli(task, "--image", str(picture), "--audio", str(sound), *span,
+                     "--out", spelling), str(target), "--overwrite")  # fmt: skip
+    assert {p: p.read_bytes() for p in (picture, sound)} == before
+
+
+def test_an_output_beside_the_output_that_is_an_input_is_refused(cli, tmp_path, no_generation):
+    # image2audio writes x.wav and its mel plot x.mel.png: here the plot is the input
+    picture = _picture(tmp_path / "x.mel.png")
+    before = picture.read_bytes()
+    _refused(cli("image2audio", "--image", str(picture), "--out", str(tmp_path / "x.wav")),
+             str(picture))  # fmt: skip
+    assert picture.read_bytes() == before and not (tmp_path / "x.wav").exists()
+
+
+def test_a_folder_run_gives_every_input_its_own_output(cli, tmp_path):
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for seed, name in enumerate(("x.png", "x.jpg", "y.png")):
+        _picture(pics / name, seed=seed)
+    code, out, err = cli("image2audio", "--image", str(pics), "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    wavs = sorted(p.name for p in (tmp_path / "o").glob("*.wav"))
+    assert wavs == ["x.jpg.wav", "x.png.wav", "y.wav"]
+    assert out.startswith("image2audio: 3 file(s)")
+    assert len({(tmp_path / "o" / w).read_bytes() for w in wavs}) == 3  # three different sounds
+
+
+@pytest.mark.parametrize(
+    ("task", "flag", "name", "expected"),
+    [("image2audio", "--image", "c.png", ".wav"), ("audio2image", "--audio", "c.wav", ".png")],
+)
+def test_out_with_the_wrong_extension_names_the_right_one(
+    cli, tmp_path, no_generation, task, flag, name, expected
+):
+    given = _picture(tmp_path / "in.png") if flag == "--image" else _wav(tmp_path / "in.wav")
+    _refused(cli(task, flag, str(given), "--out", str(tmp_path / name)), name, expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [given.name]
+
+
+@pytest.mark.parametrize(
+    ("case", "words"),
+    [
+        ("under a file", ("is a file",)),
+        ("name is a folder", ("is a folder",)),
+        ("pseudo file system", ("cannot write", "/proc")),
+        ("no permission", ("cannot write", "/sys")),
+    ],
+)
+def test_an_output_that_cannot_be_written_is_refused_before_any_generation(
+    cli, tmp_path, no_generation, case, words
+):
+    picture = _picture(tmp_path / "cat.png")
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    (tmp_path / "o" / "cat.wav").mkdir(parents=True)
+    out = {
+        "under a file": tmp_path / "notes.txt" / "cat.wav",
+        "name is a folder": tmp_path / "o",  # a folder run: o/cat.wav is a folder
+        "pseudo file system": Path("/proc/visual-echoes/cat.wav"),
+        "no permission": Path("/sys/cat.wav"),  # refused to root as well
+    }[case]
+    _refused(cli("image2audio", "--image", str(picture), "--out", str(out)), *words)
+    assert (tmp_path / "notes.txt").read_text() == "a file, not a folder"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "words"),
+    [
+        ("--samples", "0", "--samples"),
+        ("--samples", "-2", "--samples"),
+        ("--samples", "100000", "--samples"),
+        ("--seed", "-1", "--seed"),
+        ("--seed", str(2**64), "--seed"),
+        ("--steps", "0", "--steps"),
+        ("--temperature", "nan", "--temperature"),
+        ("--guidance", "inf", "--guidance"),
+        ("--batch-size", "0", "--batch-size"),
+    ],
+)
+def test_a_bad_number_is_refused_before_any_generation(cli, tmp_path, no_generation, flag, value,
+                                                       words):  # fmt: skip
+    picture = _picture(tmp_path / "cat.png")
+    _refused(cli("image2audio", "--image", str(picture), flag, value, "--out", "cat.wav"), words)
+
+
+def test_a_refusal_comes_before_torch_is_even_imported(models, tmp_path):
+    """The command as a user runs it, on a bad output path: one sentence, and nothing that
+    could generate (torch) was loaded before it."""
+    import sys
+
+    _picture(tmp_path / "cat.png")
+    script = (
+        "import sys\nfrom pipeline.cli import main\ncode = main(sys.argv[1:])\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')\nsys.exit(code)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "image2audio", "--image", "cat.png",
+         "--checkpoint", str(models / "transformer"), "--tokenizers", str(models / "tokenizers"),
+         "--out", "/proc/x/cat.wav"],
+        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("visual-echoes: error: cannot write in /proc"), proc.stderr
+    assert proc.stdout.strip() == "no torch"
+
+
+def test_outputs_get_the_mode_the_umask_gives(cli, tmp_path):
+    import stat
+
+    picture = _picture(tmp_path / "cat.png")
+    old = os.umask(0o022)
+    try:
+        code, _, err = cli("image2audio", "--image", str(picture), "--out", "cat.wav")
+        code2, _, err2 = cli("audio2image", "--audio", str(_wav(tmp_path / "a.wav")), "--out",
+                             "a.png")  # fmt: skip
+    finally:
+        os.umask(old)
+    assert code == 0 and code2 == 0, err + err2
+    for name in ("cat.wav", "cat.mel.png", "a.png"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+# ---------------------------------------------------------------------------- inpainting
+
+
+def test_inpaint_audio_keeps_a_real_recording_outside_the_span(cli, tmp_path):
+    picture = _picture(tmp_path / "p.png")
+    code, out, err = cli("inpaint-audio", "--image", str(picture), "--audio", str(REAL_CLIP),
+                         "--start", "0.5", "--end", "1.5", "--out", "fixed.wav")  # fmt: skip
+    assert code == 0, err
+    original, rate = _pcm(REAL_CLIP)
+    fixed, fixed_rate = _pcm(tmp_path / "fixed.wav")
+    assert fixed_rate == rate == 16000 and fixed.shape == original.shape  # all 10 s, 1 channel
+    a, b = 8000, 24000  # 0.5 s and 1.5 s at 16 kHz
+    assert np.array_equal(fixed[:a], original[:a]) and np.array_equal(fixed[b:], original[b:])
+    inside = fixed[a:b].astype(float), original[a:b].astype(float)
+    assert np.mean(inside[0] != inside[1]) > 0.9 and np.abs(inside[0]).max() > 100  # generated
+    # the crossfade: no step at the borders bigger than the recording's own
+    steps = np.abs(np.diff(fixed[:, 0].astype(float)))
+    assert steps[a - 2 : a + 2].max() <= np.abs(np.diff(original[:, 0].astype(float))).max()
+
+
+def test_inpaint_audio_may_replace_its_input_with_overwrite(cli, tmp_path):
+    import shutil
+
+    sound = tmp_path / "orig.wav"
+    shutil.copy(REAL_CLIP, sound)
+    code, _, err = cli("inpaint-audio", "--image", str(_picture(tmp_path / "p.png")), "--audio",
+                       str(sound), "--start", "1", "--end", "1.2", "--out", str(sound),
+                       "--overwrite")  # fmt: skip
+    assert code == 0, err
+    original, fixed = _pcm(REAL_CLIP)[0], _pcm(sound)[0]
+    assert np.array_equal(fixed[:16000], original[:16000]) and not np.array_equal(fixed, original)
+
+
+def test_inpaint_image_keeps_the_pixels_outside_the_box(cli, tmp_path):
+    picture = _picture(tmp_path / "p.png", size=(50, 40))
+    code, _, err = cli("inpaint-image", "--image", str(picture), "--audio",
+                       str(_wav(tmp_path / "a.wav")), "--box", "2", "5", "1", "6",
+                       "--out", "fixed.png")  # fmt: skip
+    assert code == 0, err
+    before = np.asarray(Image.open(picture).convert("RGB")).astype(int)
+    after = np.asarray(Image.open(tmp_path / "fixed.png").convert("RGB")).astype(int)
+    assert after.shape == before.shape  # the picture's own size, not the model's 16 x 16
+    # The 50 x 40 picture is scaled to 20 x 16 and cropped from x = 2 to the model's 16 x 16;
+    # 8 x 8 cells of 2 pixels: rows 2-5, cols 1-6 are y 4-10, x 2-12 of the crop, i.e.
+    # y 10-25, x 10-35 of the picture (x 2.5 per pixel).
+    inside = np.zeros(before.shape[:2], bool)
+    inside[10:25, 10:35] = True
+    assert np.array_equal(after[~inside], before[~inside])
+    assert np.mean(np.any(after[inside] != before[inside], axis=-1)) > 0.9
+
+
+# ------------------------------------------------------------------------------ input rules
+
+
+def test_a_short_sound_is_refused_and_a_looped_one_is_said(cli, tmp_path):
+    short = _wav(tmp_path / "short.wav", seconds=0.14)
+    _refused(cli("audio2image", "--audio", str(short), "--out", "s.png"), "short.wav",
+             "too short")  # fmt: skip
+    code, _, err = cli("audio2image", "--audio", str(_wav(tmp_path / "l.wav", 1.5)), "--out",
+                       "l.png")  # fmt: skip
+    assert code == 0
+    notes = [line for line in err.splitlines() if "l.wav" in line]
+    assert len(notes) == 1 and "looped" in notes[0], err
+
+
+# ------------------------------------------------------------------------- generation settings
+
+
+def _closing_line(models: Path, cwd: Path, capsys, *extra: str) -> tuple[str, str]:
+    """Run image2audio from `cwd` with no --params and no --steps; (stdout, stderr)."""
+    _picture(cwd / "cat.png")
+    os.chdir(cwd)
+    code = main(["image2audio", "--image", "cat.png", "--out", "cat.wav", "--device", "cpu",
+                 "--tokenizers", str(models / "tokenizers"), *extra])  # fmt: skip
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return out.out, out.err
+
+
+def test_outside_a_checkout_the_checkouts_settings_follow_its_model(
+    models, tmp_path, capsys, monkeypatch
+):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    checkout = tmp_path / "checkout"
+    shutil.copytree(models / "transformer", checkout / "models" / "transformer")
+    shutil.copy(ROOT / "params.yaml", checkout / "params.yaml")
+    (tmp_path / "elsewhere").mkdir()
+    out, err = _closing_line(models, tmp_path / "elsewhere", capsys, "--checkpoint",
+                             str(checkout / "models" / "transformer"))  # fmt: skip
+    g = PARAMS.generate
+    assert f"N={g.steps}, T={g.temperature:g}, s={g.guidance:g}" in out, out
+    assert str(checkout / "params.yaml") in out and "visual-echoes:" not in err
+
+
+def test_settings_written_beside_a_model_are_used_and_flags_override_them(
+    models, tmp_path, capsys, monkeypatch
+):
+    import shutil
+
+    from pipeline.inference.settings import write_generation
+
+    monkeypatch.chdir(tmp_path)
+    exported = tmp_path / "exported"
+    shutil.copytree(models / "transformer", exported)
+    write_generation(exported, dataclasses.replace(PARAMS.generate, steps=3, temperature=2.5))
+    out, _ = _closing_line(models, tmp_path, capsys, "--checkpoint", str(exported))
+    assert "N=3, T=2.5, s=3" in out and "generation.json" in out, out
+    out, _ = _closing_line(models, tmp_path, capsys, "--checkpoint", str(exported), "--steps",
+                           "2", "--temperature", "0")  # fmt: skip
+    assert "N=2, T=0, s=3" in out, out
+
+
+def test_without_any_settings_the_paper_defaults_are_said_in_one_line(
+    models, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    out, err = _closing_line(models, tmp_path, capsys, "--checkpoint",
+                             str(models / "transformer"), "--steps", "2")  # fmt: skip
+    assert "T=9, s=3" in out
+    lines = [line for line in err.splitlines() if line.startswith("visual-echoes:")]
+    assert len(lines) == 1 and lines[0].startswith("visual-echoes: note: ") and "paper" in lines[0]
+
+
+def test_a_params_file_that_is_named_but_missing_is_an_error(cli, tmp_path, no_generation):
+    picture = _picture(tmp_path / "cat.png")
+    _refused(cli("image2audio", "--image", str(picture), "--params", "nope.yaml", "--out",
+                 "cat.wav"), "nope.yaml")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("{not json", "not readable JSON"),
+        ('{"steps": 3}', 'must hold {"generate"'),
+        ('{"generate": {"stepz": 3}}', "stepz: is not a known key"),
+        ('{"generate": {"steps": 0}}', "steps: must be between 1 and 1000"),
+    ],
+)
+def test_a_broken_generation_json_is_one_sentence(cli, models, tmp_path, no_generation, text,
+                                                  words):  # fmt: skip
+    import shutil
+
+    exported = tmp_path / "exported"
+    shutil.copytree(models / "transformer", exported)
+    (exported / "generation.json").write_text(text)
+    _refused(cli("image2audio", "--image", str(_picture(tmp_path / "cat.png")), "--out",
+                 "cat.wav", checkpoint_dir=exported), "generation.json", words)  # fmt: skip

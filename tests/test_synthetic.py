@@ -305,9 +305,9 @@ def test_classes_separate_from_one_frame_and_from_the_spectrum():
 
 
 def _coarse_envelope(audio: np.ndarray, extract: ExtractConfig) -> np.ndarray:
-    """What the demo's briefly trained mel tokenizer keeps of a clip (README, "Two commands"): the
-    mel averaged over the 16x16 blocks its 5 x 53 ids cover, as each block row's mean level and
-    its spread over time."""
+    """What the demo's briefly trained mel tokenizer keeps of a clip (docs/experiments.md, the
+    sound bands): the mel averaged over the 16x16 blocks its 5 x 53 ids cover, as each block
+    row's mean level and its spread over time."""
     mel = log_mel(audio, extract)[:, : extract.mel_frames]
     rows, cols = extract.n_mels // 16, extract.mel_frames // 16
     blocks = mel.reshape(rows, 16, cols, 16).mean(axis=(1, 3))

@@ -13,7 +13,8 @@ from pipeline import tracking
 from pipeline.config import load_params
 from pipeline.models.saved import load_transformer
 from pipeline.profiles import load_profile
-from pipeline.training.ray_train import fingerprint, run_name, run_train
+from pipeline.training.loop import TrainError
+from pipeline.training.ray_train import fingerprint, run_name, run_train, worker_device
 
 pytestmark = pytest.mark.slow
 
@@ -112,3 +113,14 @@ def test_auto_run_name_changes_with_the_optimisation_only():
     assert fingerprint(MODEL, PARAMS.train, {"files": {"train": [{"sha256": "b"}]}}, 0) != base
     assert run_name(PARAMS.train, base) == f"train-{base[:12]}"
     assert run_name(dataclasses.replace(PARAMS.train, run_name="mine"), base) == "mine"
+
+
+def test_a_worker_trains_where_use_gpu_says():
+    """Ray's local mode hands a worker cuda whenever torch sees a GPU (Ray 2.60): use_gpu false
+    must still train on the CPU, and use_gpu true without a GPU must say so, not fall back."""
+    cuda = torch.device("cuda:0")
+    assert worker_device(False, cuda) == torch.device("cpu")
+    assert worker_device(False, torch.device("cpu")) == torch.device("cpu")
+    assert worker_device(True, cuda) == cuda
+    with pytest.raises(TrainError, match="use_gpu is true but this worker has no CUDA GPU"):
+        worker_device(True, torch.device("cpu"))

@@ -206,18 +206,23 @@ def mel_to_wave(
 
 
 def wav_bytes(wave: np.ndarray, sample_rate: int) -> bytes:
-    """A mono 16-bit PCM WAV file of `wave` (T,) float in [-1, 1] (clipped).
+    """A 16-bit PCM WAV file of `wave`: (T,) mono or (T, C) samples, float in [-1, 1] (clipped
+    and quantised here) or int16 (written as they are).
 
     soundfile (librosa's dependency) writes it when installed, the stdlib `wave` module otherwise;
     the samples are quantised here, so both give the same PCM data.
     """
-    pcm = (np.clip(np.asarray(wave, np.float64), -1.0, 1.0) * 32767.0).round().astype("<i2")
+    wave = np.asarray(wave)
+    if wave.dtype == np.int16:
+        pcm = wave.astype("<i2")
+    else:
+        pcm = (np.clip(wave.astype(np.float64), -1.0, 1.0) * 32767.0).round().astype("<i2")
     buf = _stdio.BytesIO()
     try:
         import soundfile
     except ImportError:
         with _wave.open(buf, "wb") as fh:
-            fh.setnchannels(1)
+            fh.setnchannels(1 if pcm.ndim == 1 else pcm.shape[1])
             fh.setsampwidth(2)
             fh.setframerate(int(sample_rate))
             fh.writeframes(pcm.tobytes())
@@ -227,7 +232,7 @@ def wav_bytes(wave: np.ndarray, sample_rate: int) -> bytes:
 
 
 def save_wav(path: str | Path, wave: np.ndarray, sample_rate: int) -> None:
-    """Write `wave` (T,) as a 16-bit mono WAV, atomically."""
+    """Write `wave` as a 16-bit WAV, atomically (see `wav_bytes`)."""
     io.write_bytes(path, wav_bytes(wave, sample_rate))
 
 

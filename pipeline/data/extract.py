@@ -35,6 +35,8 @@ Flags (`FLAGS`) on successful rows:
     portrait     the video is taller than wide (the centre crop loses the top and bottom)
     looped_audio the audio was shorter than the part the kept mel frames see, so it was looped
     padded_frames fewer than num_frames frames decoded; the last one was repeated
+The truncation, minimum-length and looping rules (`check_truncation`, `check_min_length`,
+`loops_audio`) also judge the inputs of the `visual-echoes` commands (`pipeline.inference.inputs`).
 
 Resumable: ok rows sorted by clip_id are cut into chunks of `rows_per_shard`; each finished chunk
 is written atomically to `cache_dir/extract/<key>/chunk-NNNNN.parquet`, where key hashes the
@@ -382,20 +384,54 @@ def jpeg_bytes(frame: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _check_decoded(dec: Decoded, cfg: ExtractConfig, duration_s: float | None) -> None:
-    """Reject truncated, too short or silent decodes. Raises ClipError."""
-    seconds = dec.audio.size / cfg.sample_rate
-    if len(dec.frames) == 0:
-        raise ClipError("unreadable", "no video frame could be decoded")
+def check_truncation(
+    cfg: ExtractConfig,
+    duration_s: float | None,
+    audio_samples: int,
+    frames: int | None,
+    wanted_frames: int,
+) -> None:
+    """The truncation rule on one decode of the first `clip_seconds`: `audio_samples` at
+    `sample_rate`, `frames` of the `wanted_frames` the fps filter should give (None: the file
+    has no video). Raises ClipError("unreadable").
+
+    Truncated: every stream stops well before the header says it should, i.e. under
+    TRUNCATED_FRACTION of D = min(duration_s, clip_seconds) of audio and fewer frames than
+    wanted; a file without video is judged on its audio alone, and only if its header gives a
+    duration.
+    """
+    seconds = audio_samples / cfg.sample_rate
     span = min(duration_s or cfg.clip_seconds, cfg.clip_seconds)
-    if len(dec.frames) < cfg.num_frames and seconds < TRUNCATED_FRACTION * span:
-        raise ClipError(
-            "unreadable",
-            f"truncated: the header says {span:.2f} s, "
-            f"{seconds:.2f} s of audio and {len(dec.frames)} frames decode",
-        )
+    if seconds >= TRUNCATED_FRACTION * span or (frames is not None and frames >= wanted_frames):
+        return
+    if frames is not None:
+        detail = f"{seconds:.2f} s of audio and {frames} frames decode"
+    elif duration_s is not None:
+        detail = f"{seconds:.2f} s of audio decode"
+    else:
+        return
+    raise ClipError("unreadable", f"truncated: the header says {span:.2f} s, {detail}")
+
+
+def check_min_length(cfg: ExtractConfig, audio_samples: int) -> None:
+    """The minimum-length rule: under MIN_SECONDS of audio raises ClipError("too_short")."""
+    seconds = audio_samples / cfg.sample_rate
     if seconds < MIN_SECONDS:
         raise ClipError("too_short", f"{seconds:.2f} s of audio (minimum {MIN_SECONDS:g} s)")
+
+
+def loops_audio(cfg: ExtractConfig, audio_samples: int) -> bool:
+    """Whether a sound of `audio_samples` is looped to fill what the kept mel frames see (the
+    `looped_audio` flag)."""
+    return audio_samples < audio.geometry(cfg).samples_used
+
+
+def _check_decoded(dec: Decoded, cfg: ExtractConfig, duration_s: float | None) -> None:
+    """Reject truncated, too short or silent decodes. Raises ClipError."""
+    if len(dec.frames) == 0:
+        raise ClipError("unreadable", "no video frame could be decoded")
+    check_truncation(cfg, duration_s, dec.audio.size, len(dec.frames), cfg.num_frames)
+    check_min_length(cfg, dec.audio.size)
     peak = float(np.max(np.abs(dec.audio)))
     if not peak >= SILENCE_PEAK:  # also catches NaN
         raise ClipError("silent", f"audio peak {peak:.2e} is below {SILENCE_PEAK:.0e}")
@@ -418,7 +454,7 @@ def extract_clip(path: Path, cfg: ExtractConfig, rel: str = "") -> ClipData:
         flags.append("black_frames")
     if info.width and info.height and info.height > info.width:
         flags.append("portrait")
-    if dec.audio.size < audio.geometry(cfg).samples_used:
+    if loops_audio(cfg, dec.audio.size):
         flags.append("looped_audio")
     if len(frames) < cfg.num_frames:
         flags.append("padded_frames")
@@ -721,7 +757,7 @@ def run_extract(
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     io.clean_dir_leftovers(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{io.TMP_PREFIX}{out_dir.name}.new-", dir=out_dir.parent))
+    tmp = io.make_temp_dir(out_dir)
     try:
         done = _compact(_iter_chunk_rows(cache, chunks), cfg, tmp)
         io.write_table(

@@ -12,7 +12,16 @@ frame before the centre of D = min(duration, clip_seconds), the part of the file
 file, decoded by ffmpeg to mono float32 at `sample_rate` with extract's arguments, through
 `audio.log_mel` (shorter audio is looped), rounded through float16 as the shard column is. For a
 clip extract accepts, both equal what `extract.iter_examples` reads back (with num_frames = 1 for
-the frame).
+the frame). `load_sound` also says how long the sound is and whether it was looped.
+
+Extract's own rules judge what decodes (`extract.check_truncation`, `check_min_length`): a file
+whose streams all stop well before its header says is truncated, a sound under 1 s too short
+(a lone frame has no minimum). The truncation rule needs both streams of a video, so the one not
+asked for is decoded as well when the asked one stops early.
+
+`load_original_sound` and `load_original_picture` give a file as it is (native rate and
+channels, full size) for inpainting to paste its result into; `original_box` maps a box of
+`load_image`'s square back onto the picture.
 
 Every problem with the file is an `InputError` whose message is one sentence naming it.
 """
@@ -20,6 +29,9 @@ Every problem with the file is an `InputError` whose message is one sentence nam
 from __future__ import annotations
 
 import io as _stdio
+import math
+import subprocess
+import tempfile
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -116,15 +128,31 @@ def load_image(path: str | Path, cfg: ExtractConfig) -> np.ndarray:
     return _stored_frame(frame, cfg)
 
 
-def load_mel(path: str | Path, cfg: ExtractConfig) -> np.ndarray:
-    """The mel extract would store for this file's audio: (n_mels, mel_frames) float32 in [0, 1].
+@dataclass(frozen=True)
+class Sound:
+    """A file's sound as the model hears it: mel (n_mels, mel_frames) float32 in [0, 1], the
+    seconds of audio decoded (at most clip_seconds) and whether they were looped to fill it."""
+
+    mel: np.ndarray
+    seconds: float
+    looped: bool
+
+
+def load_sound(path: str | Path, cfg: ExtractConfig) -> Sound:
+    """The mel extract would store for this file's audio, with its length (see `Sound`).
 
     Any audio or video file with an audio stream; only its first `clip_seconds` are decoded.
-    Raises InputError for files without audio samples and for silence (peak < SILENCE_PEAK).
+    Raises InputError for files without audio samples, truncated or shorter than extract's
+    minimum, and for silence (peak < SILENCE_PEAK).
     """
     wave = _decode(_checked(path), cfg, video=False, sound=True).wave
     assert wave is not None
-    return _mel(wave, cfg)
+    return Sound(_mel(wave, cfg), wave.size / cfg.sample_rate, extract.loops_audio(cfg, wave.size))
+
+
+def load_mel(path: str | Path, cfg: ExtractConfig) -> np.ndarray:
+    """`load_sound(path, cfg).mel`: (n_mels, mel_frames) float32 in [0, 1]. Raises InputError."""
+    return load_sound(path, cfg).mel
 
 
 def load_pair(path: str | Path, cfg: ExtractConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -133,6 +161,72 @@ def load_pair(path: str | Path, cfg: ExtractConfig) -> tuple[np.ndarray, np.ndar
     decoded = _decode(_checked(path), cfg, video=True, sound=True)
     assert decoded.frame is not None and decoded.wave is not None
     return _stored_frame(decoded.frame, cfg), _mel(decoded.wave, cfg)
+
+
+# --------------------------------------------------------------------------------- originals
+
+
+def load_original_sound(path: str | Path) -> tuple[np.ndarray, int]:
+    """The whole first audio stream of `path` as it is: ((T, C) int16 samples, rate in Hz),
+    decoded by ffmpeg to 16-bit PCM at the file's own rate and channels (a 16-bit WAV gives its
+    samples unchanged). Raises InputError."""
+    import soundfile
+
+    path = _checked(path)
+    with tempfile.TemporaryDirectory(prefix="ve-sound-") as folder:
+        out = Path(folder) / "sound.wav"
+        cmd = [
+            media.ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", "-loglevel", "error",
+            "-i", f"file:{path.resolve()}", "-map", "0:a:0", "-c:a", "pcm_s16le", "-f", "wav",
+            f"file:{out}",
+        ]  # fmt: skip
+        try:
+            proc = subprocess.run(cmd, capture_output=True, timeout=extract.DECODE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise InputError(
+                f"{path} took over {extract.DECODE_TIMEOUT_S:.0f} s to decode"
+            ) from None
+        if proc.returncode != 0 or not out.is_file():
+            lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+            reason = lines[-1].strip() if lines else f"exit status {proc.returncode}"
+            raise InputError(f"{path} could not be decoded (ffmpeg: {reason})")
+        pcm, rate = soundfile.read(out, dtype="int16", always_2d=True)
+    return pcm, int(rate)
+
+
+def load_original_picture(path: str | Path, cfg: ExtractConfig) -> np.ndarray:
+    """The picture `load_image` scales and crops, at its own size: (H, W, 3) uint8 RGB, EXIF
+    rotation applied and other modes converted as there. A video's frame is not decoded again
+    at full size: it gives `load_image`'s (S, S, 3) frame. Raises InputError."""
+    from PIL import UnidentifiedImageError
+
+    path = _checked(path)
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_SUFFIXES | AUDIO_SUFFIXES:
+        return load_image(path, cfg)
+    try:
+        img = _open_image(path, strict=suffix in IMAGE_SUFFIXES)
+    except UnidentifiedImageError:
+        return load_image(path, cfg)
+    return np.asarray(_rgb(img), dtype=np.uint8)
+
+
+def original_box(
+    width: int, height: int, size: int, box: tuple[int, int, int, int]
+) -> tuple[int, int, int, int]:
+    """Where the pixels `box` = (x0, y0, x1, y1), end-exclusive, of `load_image`'s size x size
+    crop of a width x height picture lie in the picture: the smallest whole-pixel box holding
+    them, (x0, y0, x1, y1)."""
+    (w, h), (x, y) = _cover_box(width, height, size)
+    sx, sy = width / w, height / h
+    x0, y0, x1, y1 = box
+    eps = 1e-9  # (x0 + x) * sx is often a whole number computed in floating point
+    return (
+        max(0, math.floor((x0 + x) * sx + eps)),
+        max(0, math.floor((y0 + y) * sy + eps)),
+        min(width, math.ceil((x1 + x) * sx - eps)),
+        min(height, math.ceil((y1 + y) * sy - eps)),
+    )
 
 
 # ------------------------------------------------------------------------------------ images
@@ -165,6 +259,23 @@ def _cover_box(width: int, height: int, size: int) -> tuple[tuple[int, int], tup
 def _image(path: Path, cfg: ExtractConfig, strict: bool = True) -> np.ndarray:
     """A still image via Pillow as (S, S, 3) uint8. With strict=False an unidentified file
     raises Pillow's UnidentifiedImageError so that the caller can try ffmpeg."""
+    from PIL import Image
+
+    img = _open_image(path, strict)
+    s = cfg.image_size
+    (w, h), (x, y) = _cover_box(img.width, img.height, s)
+    if w * h > MAX_SCALED_PIXELS:  # a 1 x 200,000 strip is small, but not once scaled up
+        raise InputError(
+            f"{path} is {img.width}x{img.height} pixels, too elongated to scale to a {s}x{s} frame"
+        )
+    img = _rgb(img)
+    img = img.resize((w, h), Image.Resampling.BICUBIC).crop((x, y, x + s, y + s))
+    return _stored_frame(np.asarray(img, dtype=np.uint8), cfg)
+
+
+def _open_image(path: Path, strict: bool = True) -> Image.Image:
+    """A still image decoded by Pillow, EXIF rotation applied. Raises InputError, or Pillow's
+    UnidentifiedImageError with strict=False."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -186,15 +297,7 @@ def _image(path: Path, cfg: ExtractConfig, strict: bool = True) -> np.ndarray:
     except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt data
         reason = str(err).replace(str(path), path.name).replace("\n", " ")
         raise InputError(f"{path} is not a readable image ({reason})") from None
-    s = cfg.image_size
-    (w, h), (x, y) = _cover_box(img.width, img.height, s)
-    if w * h > MAX_SCALED_PIXELS:  # a 1 x 200,000 strip is small, but not once scaled up
-        raise InputError(
-            f"{path} is {img.width}x{img.height} pixels, too elongated to scale to a {s}x{s} frame"
-        )
-    img = _rgb(img)
-    img = img.resize((w, h), Image.Resampling.BICUBIC).crop((x, y, x + s, y + s))
-    return _stored_frame(np.asarray(img, dtype=np.uint8), cfg)
+    return img
 
 
 def _rgb(img: Image.Image) -> Image.Image:
@@ -222,10 +325,16 @@ class _Media:
 
 
 def _command(
-    path: Path, cfg: ExtractConfig, video: bool, span_s: float | None, audio_path: Path | None
+    path: Path,
+    cfg: ExtractConfig,
+    video: bool,
+    span_s: float | None,
+    audio_path: Path | None,
+    frames: int = 1,
 ) -> list[str]:
     """`extract.ffmpeg_command` with either stream optional: with `video`, the middle frame of
-    D = `span_s` (`fps=1/D`; None keeps every frame) to stdout; with `audio_path`, mono f32le.
+    D = `span_s` (`fps=1/D`; None keeps every frame; `frames` = N: extract's N frames of
+    `fps=N/D`) to stdout; with `audio_path`, mono f32le.
 
     The input options, filters and audio arguments are extract's, so both decode the same
     pixels and samples (tests/test_inputs.py holds them equal).
@@ -235,8 +344,9 @@ def _command(
         if span_s is None:
             cmd += ["-map", "0:V:0", "-vf", extract.video_filter(cfg, None)]
         else:
-            rate = extract.fps_fraction(1, span_s)
-            cmd += ["-map", "0:V:0", "-vf", extract.video_filter(cfg, rate), "-frames:v", "1"]
+            rate = extract.fps_fraction(frames, span_s)
+            cmd += ["-map", "0:V:0", "-vf", extract.video_filter(cfg, rate)]
+            cmd += ["-frames:v", str(frames)]
         cmd += ["-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
     if audio_path is not None:
         cmd += extract.audio_args(cfg, audio_path)
@@ -244,12 +354,17 @@ def _command(
 
 
 def _run(
-    path: Path, cfg: ExtractConfig, video: bool, span_s: float | None, sound: bool
+    path: Path,
+    cfg: ExtractConfig,
+    video: bool,
+    span_s: float | None,
+    sound: bool,
+    frames: int = 1,
 ) -> extract.FfmpegRun:
     """Run `_command` (audio through a temporary file, as extract does). Raises InputError on
     a timeout."""
     return extract.run_ffmpeg(
-        lambda audio_path: _command(path, cfg, video, span_s, audio_path),
+        lambda audio_path: _command(path, cfg, video, span_s, audio_path, frames),
         path,
         cfg.image_size,
         sound=sound,
@@ -282,6 +397,11 @@ def _decode(path: Path, cfg: ExtractConfig, video: bool, sound: bool) -> _Media:
         run = _run(path, cfg, video, info.duration_s, sound)
     if run.returncode != 0:
         raise InputError(f"{path} could not be decoded (ffmpeg: {run.failure()})")
+    if sound:
+        assert run.wave is not None
+        if run.wave.size == 0:
+            raise InputError(f"{path} contains no audio samples")
+    _check_length(path, cfg, info, run, sound)
     wave, frame = run.wave, None
     if video:
         frames = run.frames
@@ -296,12 +416,48 @@ def _decode(path: Path, cfg: ExtractConfig, video: bool, sound: bool) -> _Media:
         frame = frames[0].copy()
     if sound:
         assert wave is not None
-        if wave.size == 0:
-            raise InputError(f"{path} contains no audio samples")
         peak = float(np.max(np.abs(wave)))
         if not peak >= SILENCE_PEAK:  # also catches NaN
             raise InputError(f"{path} is silent (audio peak {peak:.1e}, below {SILENCE_PEAK:.0e})")
     return _Media(frame, wave)
+
+
+def _check_length(
+    path: Path,
+    cfg: ExtractConfig,
+    info: media.Probe,
+    run: extract.FfmpegRun,
+    sound: bool,
+) -> None:
+    """Extract's truncation rule on the file of `run` (and its minimum length on a sound).
+
+    The rule weighs the audio against extract's `num_frames` frames of `fps=N/D`: the audio is
+    decoded here when `run` has none, those frames only when the audio alone would fail it.
+    A file without audio is never called truncated (extract takes no such file). Raises
+    InputError.
+    """
+    span = min(info.duration_s or cfg.clip_seconds, cfg.clip_seconds)
+    n = cfg.num_frames
+    try:
+        if info.has_audio:
+            samples = (
+                run.wave.size
+                if run.wave is not None
+                else _run(path, cfg, False, span, True).wave.size
+            )
+            frames = None
+            if info.has_video:
+                try:
+                    extract.check_truncation(cfg, info.duration_s, samples, 0, n)
+                    frames = n  # the audio alone clears it
+                except extract.ClipError:
+                    frames = len(_run(path, cfg, True, span, False, frames=n).frames)
+            extract.check_truncation(cfg, info.duration_s, samples, frames, n)
+        if sound:
+            extract.check_min_length(cfg, run.wave.size)
+    except extract.ClipError as err:
+        what = "too short: " if err.reason == "too_short" else ""
+        raise InputError(f"{path} is {what}{err.detail}") from None
 
 
 def _stored_frame(frame: np.ndarray, cfg: ExtractConfig) -> np.ndarray:

@@ -44,7 +44,6 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -572,7 +571,7 @@ def run_tokenize(
     expected = {s: n for s, n in meta_in["counts"].items() if n}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     io.clean_dir_leftovers(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{io.TMP_PREFIX}{out_dir.name}.new-", dir=out_dir.parent))
+    tmp = io.make_temp_dir(out_dir)
     try:
         files, counts = _compact(table, layout, num_frames, cfg.rows_per_file, tmp)
         if counts != expected:

@@ -89,16 +89,31 @@ def storage_uri(path: str) -> str:
 # ------------------------------------------------------------------------------- worker side
 
 
+def worker_device(use_gpu: bool, ray_device: torch.device) -> torch.device:
+    """The device a worker trains on: the one Ray gives it (`ray.train.torch.get_device()`)
+    when `train.use_gpu`, else the CPU. Ray's local mode (num_workers 0) gives a CUDA device
+    whenever torch sees one, whatever `use_gpu` says (Ray 2.60), and the CPU when it sees
+    none; both are turned into what params.yaml asked for, or a clear error."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if ray_device.type != "cuda":
+        raise TrainError(
+            "train.use_gpu is true but this worker has no CUDA GPU (torch sees none); set "
+            "train.use_gpu to false to train on the CPU"
+        )
+    return ray_device
+
+
 class RayEnvironment:
     """`loop.Environment` inside a Ray Train worker."""
 
-    def __init__(self, local_store: str | None, keep: int) -> None:
+    def __init__(self, local_store: str | None, keep: int, use_gpu: bool) -> None:
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.device = worker_device(use_gpu, ray.train.torch.get_device())
         # Ray's local mode persists nothing: keep checkpoints in the same layout ourselves.
         self._local = (
             FolderEnvironment(Path(local_store), self.device, keep=keep) if (local_store) else None
@@ -168,7 +183,7 @@ def _worker(config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs."""
     job: TrainJob = config["job"]
     torch.set_num_threads(max(1, int(config["threads"])))
-    env = RayEnvironment(config["local_store"], job.train.keep_checkpoints)
+    env = RayEnvironment(config["local_store"], job.train.keep_checkpoints, job.train.use_gpu)
     hooks = reports.WorkerHooks(job, env.device) if env.rank == 0 else None
     run_training(
         job,

@@ -124,15 +124,10 @@ def export_model(
             **(history["val"][-1] if history["val"] else {}),
         },
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f"{io.TMP_PREFIX}{out_dir.name}.new-", dir=_parent(out_dir)))
+    tmp = io.make_temp_dir(out_dir)
     checkpoint.save(tmp, model, meta)
     io.replace_dir(tmp, out_dir)
     return model
-
-
-def _parent(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.parent
 
 
 def _write_csv(path: Path, rows: list[dict[str, float]], columns: list[str]) -> None:
