@@ -131,7 +131,7 @@ def env_info() -> dict[str, Any]:
 
     cuda = torch.cuda.is_available()
     info: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
@@ -626,7 +626,7 @@ def write_report(work: Path, out: Path, dry: bool) -> dict[str, Any]:
     env = results.pop("env", None)
     report = {
         "dry": dry,
-        "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "env": env,
         "steps": read_steps(work),
         "targets": targets(results, dry),
