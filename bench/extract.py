@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipeline.config import ExtractConfig, load_params
-from pipeline.data import extract
+from pipeline.data import decode
 from pipeline.media import ffmpeg_exe
 
 FORMATS = {"192x144@15": ("192x144", 15), "320x240@25": ("320x240", 25)}
@@ -87,10 +87,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         clips = make_clips(Path(tmp), args.clips)
         warm = clips[next(iter(clips))][0]
-        extract.extract_clip(warm, cfg)  # imports, mel basis
+        decode.extract_clip(warm, cfg)  # imports, mel basis
         bare_decode(warm, cfg.sample_rate)
         print(
-            f"ffmpeg: {extract.ffmpeg_version()}; {os.cpu_count()} cores; "
+            f"ffmpeg: {decode.ffmpeg_version()}; {os.cpu_count()} cores; "
             f"image_size {cfg.image_size}, {cfg.num_frames} frames, mel "
             f"{cfg.n_mels}x{cfg.mel_frames}; {args.clips} clips per format, best of "
             f"{args.repeat}"
@@ -101,7 +101,7 @@ def main() -> None:
         )
         print(header)
         for name, paths in clips.items():
-            ext_wall, ext_cpu = timed(lambda p: extract.extract_clip(p, cfg), paths, args.repeat)
+            ext_wall, ext_cpu = timed(lambda p: decode.extract_clip(p, cfg), paths, args.repeat)
             bare_wall, bare_cpu = timed(
                 lambda p: bare_decode(p, cfg.sample_rate), paths, args.repeat
             )

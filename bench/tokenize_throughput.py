@@ -54,7 +54,7 @@ import torch  # noqa: E402
 
 from bench.machine import machine  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
-from pipeline.data import extract, tokens  # noqa: E402
+from pipeline.data import extract, extracted, tokens  # noqa: E402
 from pipeline.ray_runtime import ray_session  # noqa: E402
 from pipeline.tokenizers import batch_tokenize as bt  # noqa: E402
 from pipeline.tokenizers.tokenizer import InputSpec, Tokenizer, vqgan_config  # noqa: E402
@@ -75,7 +75,6 @@ def device_line() -> str:
 def prepare(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     """Synthetic clips -> extract -> random-init demo tokenizers; reused when already there
     (the clips and extract by their stamp, which a WORK made elsewhere brings along)."""
-    from pipeline.data import extract
     from pipeline.data.manifest import write_manifest
     from pipeline.data.synthetic import generate_dataset
 
@@ -176,7 +175,7 @@ def bench_pipeline(work: Path, args: argparse.Namespace) -> dict:
     clips, plain_s, ray_s, job_s, same = {}, {}, {}, {}, {}
     with ray_session() as startup_s:
         for name, (extract_dir, tok) in sets.items():
-            meta = extract.load_meta(extract_dir)
+            meta = extracted.load_meta(extract_dir)
             clips[name] = sum(meta["counts"].values())
             out = work / f"tokens-{name}"
             plain_s[name], ray_s[name], job_s[name] = [], [], []

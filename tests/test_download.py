@@ -699,7 +699,8 @@ def test_a_switched_source_leaves_the_old_clips_out_of_what_later_stages_read(tm
     """Synthetic clips, then a local folder in the same clips folder: the manifest and extract see
     the local clip only; the synthetic files stay on disk (a switch back does not remake them)."""
     from pipeline.config import ExtractConfig
-    from pipeline.data.extract import load_meta, run_extract
+    from pipeline.data.extract import run_extract
+    from pipeline.data.extracted import load_meta
 
     clips = tmp_path / "clips"
     synthetic = _config(tmp_path, ROWS, source="synthetic")

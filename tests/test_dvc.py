@@ -261,13 +261,15 @@ def _stale(repo: Path) -> list[str]:
     [
         ("pipeline/tokenizers/batch_tokenize.py", ["tokenize"]),
         ("pipeline/data/tokens.py", ["tokenize", "train", "evaluator", "sweep", "evaluate"]),
+        ("pipeline/data/decode.py", ["extract"]),
         ("sources/labels.csv", ["download"]),
     ],
 )
 def test_editing_a_file_stales_only_the_stages_that_read_it(tiny_repo, edited, stale):
-    """The tokenize job is its own module: editing it stales tokenize alone (train then reruns
-    only if the ids change), while the token readers every later stage imports stale them all.
-    The source inputs outside DVC's outputs (a labels CSV here) are download's dependencies."""
+    """The tokenize job and extract's ffmpeg driver are modules of their own: editing one stales
+    its stage alone (what follows reruns only if the output changes), while the token readers
+    every later stage imports stale them all. The source inputs outside DVC's outputs (a labels
+    CSV here) are download's dependencies."""
     path = tiny_repo / edited
     text = path.read_text()
     path.write_text(text + "\n# an edit\n")

@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 from pipeline import checkpoint
 from pipeline.config import ConfigError, SweepConfig, SyntheticConfig, load_params, parse_params
 from pipeline.data.audio import log_mel
-from pipeline.data.extract import jpeg_bytes
+from pipeline.data.decode import jpeg_bytes
 from pipeline.data.synthetic import ClipSpec, parse_clip_id, render_clip
 from pipeline.data.token_dataset import eval_frame
 from pipeline.evaluation.evaluate import Generated, decode_clips, spread, write_per_class
@@ -248,7 +248,7 @@ def _write_extract(out_dir: Path, split: str, c: Clips) -> Path:
     import pyarrow.parquet as pq
 
     from pipeline import io
-    from pipeline.data.extract import SHARD_SCHEMA
+    from pipeline.data.extracted import SHARD_SCHEMA
 
     rows = [
         {"clip_id": cid, "label": lab, "split": split, "flags": [],

@@ -18,7 +18,7 @@ import pytest
 
 from pipeline import io
 from pipeline.config import ExtractConfig
-from pipeline.data import audio, extract
+from pipeline.data import audio, decode, extract, extracted
 from pipeline.data.manifest import ClipRecord, video_path, write_manifest
 from pipeline.media import ffmpeg_exe, probe
 
@@ -123,7 +123,7 @@ def test_fps_filter_picks_segment_centres(tmp_path: Path, seconds: float) -> Non
     path = tmp_path / "index.mp4"
     frames_clip(path, index_frames(int(round(seconds * rate))), rate, seconds)
     duration = probe(path).duration_s
-    dec = extract.decode_clip(path, CFG, duration)
+    dec = decode.decode_clip(path, CFG, duration)
     picked = [read_index(f) for f in dec.frames]
     span = min(duration, CFG.clip_seconds)
     # fps=N/D hands output slot k the last frame before the centre of segment k of [0, D)
@@ -134,7 +134,7 @@ def test_fps_filter_picks_segment_centres(tmp_path: Path, seconds: float) -> Non
     if seconds == 10.0:
         assert picked == [12, 37, 62, 87, 112, 137, 162, 187, 212, 237]
     # the stage reads the header from its own decode and redoes short clips with their D
-    info, again = extract.decode_with_header(path, CFG)
+    info, again = decode.decode_with_header(path, CFG)
     assert info.duration_s == duration and (info.width, info.height) == (64, 48)
     np.testing.assert_array_equal(again.frames, dec.frames)
 
@@ -142,7 +142,7 @@ def test_fps_filter_picks_segment_centres(tmp_path: Path, seconds: float) -> Non
 def test_decode_returns_mono_audio_at_the_mel_rate(tmp_path: Path) -> None:
     path = tmp_path / "a.mp4"
     lavfi_clip(path, seconds=12.0, sound="sine=frequency=1000:sample_rate=44100")
-    dec = extract.decode_clip(path, CFG, 12.0)
+    dec = decode.decode_clip(path, CFG, 12.0)
     assert dec.audio.dtype == np.float32 and dec.audio.shape == (220_500,)  # cut at 10 s
     spectrum = np.abs(np.fft.rfft(dec.audio[:22050]))
     assert np.argmax(spectrum) == pytest.approx(1000, abs=2)  # 1 Hz bins at 22,050 Hz
@@ -161,9 +161,9 @@ def test_the_audio_sink_has_no_name_on_disk_while_ffmpeg_runs(tmp_path, monkeypa
 
     def command(audio_path: Path | None) -> list[str]:
         seen.append(sorted(p.name for p in scratch.iterdir()))
-        return extract.ffmpeg_command(path, CFG, 3.0, audio_path)
+        return decode.ffmpeg_command(path, CFG, 3.0, audio_path)
 
-    run = extract.run_ffmpeg(command, path, CFG.image_size, sound=True, on_timeout=RuntimeError)
+    run = decode.run_ffmpeg(command, path, CFG.image_size, sound=True, on_timeout=RuntimeError)
     assert seen == [[]], f"named temporaries while ffmpeg ran: {seen}"
     assert run.returncode == 0 and run.wave.shape == (3 * CFG.sample_rate,)
     assert np.argmax(np.abs(np.fft.rfft(run.wave[: CFG.sample_rate]))) == pytest.approx(1000, abs=2)
@@ -173,10 +173,10 @@ def test_the_audio_sink_has_no_name_on_disk_while_ffmpeg_runs(tmp_path, monkeypa
 def test_untrusted_names_never_read_as_options(tmp_path: Path) -> None:
     path = tmp_path / "-y.mp4"
     lavfi_clip(path, seconds=2.0)
-    cmd = extract.ffmpeg_command(path, CFG, 2.0, tmp_path / "a.f32")
+    cmd = decode.ffmpeg_command(path, CFG, 2.0, tmp_path / "a.f32")
     assert cmd[cmd.index("-i") + 1] == f"file:{path.resolve()}"
     assert "-y.mp4" not in [a for a in cmd if not a.startswith("file:")]
-    assert len(extract.extract_clip(path, CFG).frames) == CFG.num_frames
+    assert len(decode.extract_clip(path, CFG).frames) == CFG.num_frames
 
 
 # ------------------------------------------------------------------------------ the dataset
@@ -341,7 +341,7 @@ def _tree(folder: Path) -> dict[str, bytes]:
 
 
 def _rows(out: Path) -> dict[str, dict]:
-    meta = extract.load_meta(out)
+    meta = extracted.load_meta(out)
     rows = {}
     for entries in meta["shards"].values():
         for e in entries:
@@ -371,7 +371,7 @@ def test_rows_hold_the_right_content(clips: Path, reference: tuple[Path, Path]) 
     out, _ = reference
     rows = _rows(out)
     shape = (80, 848)
-    _, mel_ok = extract.decode_row(rows["a_ok"]["frames"], rows["a_ok"]["mel"], shape)
+    _, mel_ok = extracted.decode_row(rows["a_ok"]["frames"], rows["a_ok"]["mel"], shape)
     # the mel is the SpecVQGAN transform of the clip's audio, decoded independently here
     pcm = subprocess.run(
         [
@@ -397,17 +397,17 @@ def test_rows_hold_the_right_content(clips: Path, reference: tuple[Path, Path]) 
     assert rows["k_wrong_extension"]["frames"] == rows["a_ok"]["frames"]
     assert rows["k_wrong_extension"]["mel"] == rows["a_ok"]["mel"]
     # 5.1 is downmixed to mono: a 440 Hz tone like the mono clip's
-    _, mel_51 = extract.decode_row(rows["i_surround"]["frames"], rows["i_surround"]["mel"], shape)
+    _, mel_51 = extracted.decode_row(rows["i_surround"]["frames"], rows["i_surround"]["mel"], shape)
     assert np.argmax(mel_51.mean(axis=1)) == np.argmax(mel_ok.mean(axis=1))
     # portrait: scaled on the short side, centre-cropped: only the green middle survives
-    frames, _ = extract.decode_row(rows["h_portrait"]["frames"], rows["h_portrait"]["mel"], shape)
+    frames, _ = extracted.decode_row(rows["h_portrait"]["frames"], rows["h_portrait"]["mel"], shape)
     assert frames.shape == (10, 32, 32, 3)
     assert frames[..., 1].min() > 200 and frames[..., [0, 2]].max() < 60
     # a 3-s video in a 10-s file: frames at 0.5, 1.5, 2.5 s, then the last one repeated
     short = rows["q_short_video"]["frames"]
     assert len(short) == 10 and short[1] != short[2] and set(short[2:]) == {short[2]}
     # a 3-s clip is looped, not zero-padded
-    _, mel_3 = extract.decode_row(
+    _, mel_3 = extracted.decode_row(
         rows["g_three_seconds"]["frames"], rows["g_three_seconds"]["mel"], shape
     )
     loud = mel_3.max(axis=0)  # per frame: silence after 3 s would be 0
@@ -416,12 +416,12 @@ def test_rows_hold_the_right_content(clips: Path, reference: tuple[Path, Path]) 
 
 def test_shard_layout_and_meta(clips: Path, reference: tuple[Path, Path]) -> None:
     out, preview = reference
-    meta = extract.load_meta(out)
+    meta = extracted.load_meta(out)
     written = [c for c, (reason, _) in EXPECTED.items() if not reason]
     assert sum(meta["counts"].values()) == len(written)
     reasons = Counter(reason for reason, _ in EXPECTED.values() if reason)
     assert meta["failures"] == dict(sorted(reasons.items()))
-    assert set(reasons) <= set(extract.REASONS)
+    assert set(reasons) <= set(decode.REASONS)
     assert meta["mel"]["shape"] == [80, 848] and meta["num_frames"] == 10
     assert meta["image_size"] == 32 and meta["rows_per_shard"] == 3
     assert meta["ffmpeg"].startswith("ffmpeg version")
@@ -434,12 +434,12 @@ def test_shard_layout_and_meta(clips: Path, reference: tuple[Path, Path]) -> Non
             assert e["path"] == f"{split}/part-{i:05d}.parquet"
             assert e["sha256"] == io.sha256_file(out / e["path"])
             table = pq.read_table(out / e["path"])
-            assert table.schema.equals(extract.SHARD_SCHEMA)
+            assert table.schema.equals(extracted.SHARD_SCHEMA)
             assert table.num_rows == e["rows"]
             ids += table.column("clip_id").to_pylist()
             assert set(table.column("split").to_pylist()) == {split}
         assert ids == sorted(ids) and meta["counts"][split] == len(ids)
-    examples = list(extract.iter_examples(out, "train"))
+    examples = list(extracted.iter_examples(out, "train"))
     assert [e.clip_id for e in examples] == sorted(e.clip_id for e in examples)
     assert len(examples) == meta["counts"]["train"]
     ex = examples[0]
@@ -521,9 +521,9 @@ def test_an_unexpected_error_fails_one_clip_only(
         (sub / r.path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(clips / r.path, sub / r.path)
     write_manifest(sub, records)
-    extract_clip = extract.extract_clip
+    extract_clip = decode.extract_clip
 
-    def broken(path: Path, cfg: ExtractConfig, rel: str = "") -> extract.ClipData:
+    def broken(path: Path, cfg: ExtractConfig, rel: str = "") -> decode.ClipData:
         if "a_ok" in rel:
             raise ZeroDivisionError("boom")
         return extract_clip(path, cfg, rel)

@@ -183,7 +183,7 @@ def test_ray_data_generation_matches_the_generator(repo):
     import ray
 
     from pipeline.config import load_params
-    from pipeline.data.extract import iter_examples
+    from pipeline.data.extracted import iter_examples
     from pipeline.inference.generate import GenerateBatch, Generator
     from pipeline.ray_runtime import ray_session
 

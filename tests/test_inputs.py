@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import load_params
-from pipeline.data import audio, extract
+from pipeline.data import audio, decode, extracted
 from pipeline.inference import inputs
 from pipeline.inference.inputs import InputError, list_inputs, load_image, load_mel, load_pair
 from pipeline.media import ffmpeg_exe
@@ -73,15 +73,15 @@ def colour_of(frame: np.ndarray) -> str:
 
 def extract_frame(path: Path) -> np.ndarray:
     """The frame extract stores for `path` with one frame per clip, read back by `decode_row`."""
-    data = extract.extract_clip(path, dataclasses.replace(CFG, num_frames=1))
-    frames, _ = extract.decode_row(data.frames, data.mel.astype("<f2").tobytes(), data.mel.shape)
+    data = decode.extract_clip(path, dataclasses.replace(CFG, num_frames=1))
+    frames, _ = extracted.decode_row(data.frames, data.mel.astype("<f2").tobytes(), data.mel.shape)
     return frames[0]
 
 
 def stored_mel(path: Path) -> tuple[np.ndarray, list[str]]:
     """The mel extract writes for `path`, read back the way `iter_examples` does; its flags."""
-    data = extract.extract_clip(path, CFG)
-    _, mel = extract.decode_row(data.frames, data.mel.astype("<f2").tobytes(), data.mel.shape)
+    data = decode.extract_clip(path, CFG)
+    _, mel = extracted.decode_row(data.frames, data.mel.astype("<f2").tobytes(), data.mel.shape)
     return mel, data.flags
 
 
@@ -302,8 +302,8 @@ def truncated_mp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_truncated_video_is_refused_as_extract_refuses_it(truncated_mp4: Path) -> None:
-    with pytest.raises(extract.ClipError, match="truncated"):  # the stage's verdict
-        extract.extract_clip(truncated_mp4, CFG)
+    with pytest.raises(decode.ClipError, match="truncated"):  # the stage's verdict
+        decode.extract_clip(truncated_mp4, CFG)
     for loader in (load_image, load_mel, load_pair):
         with pytest.raises(InputError, match="truncated") as info:
             loader(truncated_mp4, CFG)
@@ -317,7 +317,7 @@ def test_a_sound_under_extracts_minimum_is_refused(tmp_path: Path, seconds: floa
     audio.save_wav(tmp_path / "short.wav", chirp(seconds), SR)
     with pytest.raises(InputError, match="too short") as info:
         load_mel(tmp_path / "short.wav", CFG)
-    assert f"{extract.MIN_SECONDS:g} s" in str(info.value)
+    assert f"{decode.MIN_SECONDS:g} s" in str(info.value)
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -376,7 +376,7 @@ def test_quiet_but_audible_sound_is_accepted(tmp_path: Path) -> None:
     audio.save_wav(tmp_path / "quiet.wav", 3e-4 * np.sin(np.arange(SR) / 3), SR)
     mel = load_mel(tmp_path / "quiet.wav", CFG)
     assert mel.max() > 0.05
-    assert inputs.SILENCE_PEAK < extract.SILENCE_PEAK
+    assert inputs.SILENCE_PEAK < decode.SILENCE_PEAK
 
 
 # ------------------------------------------------------------------------------------ listing

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import ExtractConfig, load_params
-from pipeline.data import extract
+from pipeline.data import decode, extract, extracted
 from pipeline.data.manifest import ClipRecord, video_path, write_manifest
 from pipeline.media import ffmpeg_exe
 
@@ -74,7 +74,7 @@ def _missing(codecs: tuple[str, ...]) -> list[str]:
 @pytest.fixture(scope="module")
 def tone_band(tmp_path_factory) -> int:
     """The loudest mel band of a 1 kHz tone in a plain H.264/AAC clip."""
-    data = extract.extract_clip(_clip(tmp_path_factory.mktemp("tone") / "ref.mp4", tone=1000), CFG)
+    data = decode.extract_clip(_clip(tmp_path_factory.mktemp("tone") / "ref.mp4", tone=1000), CFG)
     return int(np.argmax(data.mel.astype(np.float32).mean(axis=1)))
 
 
@@ -84,26 +84,26 @@ def test_unusual_codecs_and_containers_give_the_same_kind_of_row(tmp_path, clip_
     if missing := _missing(codecs):
         pytest.skip(f"this ffmpeg lacks {', '.join(missing)}")
     path = _clip(tmp_path / f"{clip_id}.{container}", codecs=codecs, layout=layout, tone=1000)
-    data = extract.extract_clip(path, CFG)
+    data = decode.extract_clip(path, CFG)
     assert len(data.frames) == 10 and data.flags == []
-    frames, mel = extract.decode_row(data.frames, data.mel.astype("<f2").tobytes(), (80, 848))
+    frames, mel = extracted.decode_row(data.frames, data.mel.astype("<f2").tobytes(), (80, 848))
     assert frames.shape == (10, 32, 32, 3) and frames.std() > 20  # a picture, not a blank
     # the 1 kHz tone survives every codec and the downmix: the same loudest mel band
     assert int(np.argmax(mel.mean(axis=1))) == tone_band
 
 
 def test_tiny_pictures_and_stereo_are_scaled_and_downmixed(tmp_path):
-    tiny = extract.extract_clip(_clip(tmp_path / "tiny.mp4", size="16x12"), CFG)
+    tiny = decode.extract_clip(_clip(tmp_path / "tiny.mp4", size="16x12"), CFG)
     assert len(tiny.frames) == 10 and tiny.flags == []
-    frames, _ = extract.decode_row(tiny.frames, tiny.mel.astype("<f2").tobytes(), (80, 848))
+    frames, _ = extracted.decode_row(tiny.frames, tiny.mel.astype("<f2").tobytes(), (80, 848))
     assert frames.shape == (10, 32, 32, 3)  # scaled up on the short side, centre-cropped
     # odd sizes (h264 needs even ones: a lossless codec takes any) and a 2-pixel-high strip
     odd = ("-c:v", "ffv1", "-c:a", "flac")
     for size in ("7x5", "64x2"):
-        data = extract.extract_clip(_clip(tmp_path / f"{size}.mkv", size=size, codecs=odd), CFG)
+        data = decode.extract_clip(_clip(tmp_path / f"{size}.mkv", size=size, codecs=odd), CFG)
         assert len(data.frames) == 10, size
-    mono = extract.extract_clip(_clip(tmp_path / "mono.mp4", layout="mono"), CFG)
-    stereo = extract.extract_clip(_clip(tmp_path / "stereo.mp4", layout="stereo"), CFG)
+    mono = decode.extract_clip(_clip(tmp_path / "mono.mp4", layout="mono"), CFG)
+    stereo = decode.extract_clip(_clip(tmp_path / "stereo.mp4", layout="stereo"), CFG)
     # the same tone in both channels downmixes to the mono clip's mel
     assert np.abs(stereo.mel.astype(np.float32) - mono.mel.astype(np.float32)).mean() < 0.01
 

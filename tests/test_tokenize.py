@@ -19,7 +19,7 @@ import torch
 
 from pipeline import io
 from pipeline.config import ExtractConfig, SyntheticConfig, TokenizeConfig
-from pipeline.data import extract, tokens
+from pipeline.data import extract, extracted, tokens
 from pipeline.data.manifest import write_manifest
 from pipeline.data.synthetic import generate_dataset
 from pipeline.ray_runtime import ClusterError, ray_session
@@ -147,7 +147,7 @@ def test_meta_round_trips_the_layout(data, run):
     assert (layout.image.mask_id, layout.audio.mask_id) == (IMAGE_C, AUDIO_C)
     assert (layout.image.grid, layout.audio.grid) == ((8, 8), (5, 53))
     assert meta["counts"] == {"test": 4, "train": 8} == summary.counts
-    assert meta["labels"] == extract.load_meta(data["extract"])["labels"]
+    assert meta["labels"] == extracted.load_meta(data["extract"])["labels"]
     assert meta["num_frames"] == 10 and meta["precision"] == "fp32"
     assert meta["encoders"] == [f"cpu fp32 (torch {torch.__version__})"]
     for m in ("image", "audio"):

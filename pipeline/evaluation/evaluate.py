@@ -30,7 +30,7 @@ import numpy as np
 
 from pipeline import io
 from pipeline.config import EvaluateConfig, EvaluatorConfig, GenerateConfig, PathsConfig, as_dict
-from pipeline.data.extract import decode_row, load_meta
+from pipeline.data.extracted import decode_row, load_meta
 from pipeline.data.token_dataset import eval_frame
 from pipeline.evaluation.local import NAME as LOCAL_NAME
 from pipeline.evaluation.local import LocalEvaluator, Outputs

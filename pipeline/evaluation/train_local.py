@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from pipeline import io
 from pipeline.config import EvaluatorConfig
-from pipeline.data.extract import iter_examples
+from pipeline.data.extracted import iter_examples
 from pipeline.data.token_dataset import eval_frame
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError

@@ -11,10 +11,10 @@ frame before the centre of D = min(duration, clip_seconds), the part of the file
 `load_mel` gives what extract stores as a mel: the first `clip_seconds` of any audio or video
 file, decoded by ffmpeg to mono float32 at `sample_rate` with extract's arguments, through
 `audio.log_mel` (shorter audio is looped), rounded through float16 as the shard column is. For a
-clip extract accepts, both equal what `extract.iter_examples` reads back (with num_frames = 1 for
+clip extract accepts, both equal what `extracted.iter_examples` reads back (with num_frames = 1 for
 the frame). `load_sound` also says how long the sound is and whether it was looped.
 
-Extract's own rules judge what decodes (`extract.check_truncation`, `check_min_length`): a file
+Extract's own rules judge what decodes (`decode.check_truncation`, `check_min_length`): a file
 whose streams all stop well before its header says is truncated, a sound under 1 s too short
 (a lone frame has no minimum). The truncation rule needs both streams of a video, so the one not
 asked for is decoded as well when the asked one stops early.
@@ -42,7 +42,7 @@ import numpy as np
 
 from pipeline import media
 from pipeline.config import ExtractConfig
-from pipeline.data import audio, extract
+from pipeline.data import audio, decode
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -147,7 +147,7 @@ def load_sound(path: str | Path, cfg: ExtractConfig) -> Sound:
     """
     wave = _decode(_checked(path), cfg, video=False, sound=True).wave
     assert wave is not None
-    return Sound(_mel(wave, cfg), wave.size / cfg.sample_rate, extract.loops_audio(cfg, wave.size))
+    return Sound(_mel(wave, cfg), wave.size / cfg.sample_rate, decode.loops_audio(cfg, wave.size))
 
 
 def load_mel(path: str | Path, cfg: ExtractConfig) -> np.ndarray:
@@ -181,10 +181,10 @@ def load_original_sound(path: str | Path) -> tuple[np.ndarray, int]:
             f"file:{out}",
         ]  # fmt: skip
         try:
-            proc = subprocess.run(cmd, capture_output=True, timeout=extract.DECODE_TIMEOUT_S)
+            proc = subprocess.run(cmd, capture_output=True, timeout=decode.DECODE_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             raise InputError(
-                f"{path} took over {extract.DECODE_TIMEOUT_S:.0f} s to decode"
+                f"{path} took over {decode.DECODE_TIMEOUT_S:.0f} s to decode"
             ) from None
         if proc.returncode != 0 or not out.is_file():
             lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
@@ -332,24 +332,24 @@ def _command(
     audio_path: Path | None,
     frames: int = 1,
 ) -> list[str]:
-    """`extract.ffmpeg_command` with either stream optional: with `video`, the middle frame of
+    """`decode.ffmpeg_command` with either stream optional: with `video`, the middle frame of
     D = `span_s` (`fps=1/D`; None keeps every frame; `frames` = N: extract's N frames of
     `fps=N/D`) to stdout; with `audio_path`, mono f32le.
 
     The input options, filters and audio arguments are extract's, so both decode the same
     pixels and samples (tests/test_inputs.py holds them equal).
     """
-    cmd = extract.input_args(path, cfg, loglevel="info")
+    cmd = decode.input_args(path, cfg, loglevel="info")
     if video:
         if span_s is None:
-            cmd += ["-map", "0:V:0", "-vf", extract.video_filter(cfg, None)]
+            cmd += ["-map", "0:V:0", "-vf", decode.video_filter(cfg, None)]
         else:
-            rate = extract.fps_fraction(frames, span_s)
-            cmd += ["-map", "0:V:0", "-vf", extract.video_filter(cfg, rate)]
+            rate = decode.fps_fraction(frames, span_s)
+            cmd += ["-map", "0:V:0", "-vf", decode.video_filter(cfg, rate)]
             cmd += ["-frames:v", str(frames)]
         cmd += ["-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
     if audio_path is not None:
-        cmd += extract.audio_args(cfg, audio_path)
+        cmd += decode.audio_args(cfg, audio_path)
     return cmd
 
 
@@ -360,16 +360,16 @@ def _run(
     span_s: float | None,
     sound: bool,
     frames: int = 1,
-) -> extract.FfmpegRun:
+) -> decode.FfmpegRun:
     """Run `_command` (audio through a temporary file, as extract does). Raises InputError on
     a timeout."""
-    return extract.run_ffmpeg(
+    return decode.run_ffmpeg(
         lambda audio_path: _command(path, cfg, video, span_s, audio_path, frames),
         path,
         cfg.image_size,
         sound=sound,
         on_timeout=lambda: InputError(
-            f"{path} took over {extract.DECODE_TIMEOUT_S:.0f} s to decode"
+            f"{path} took over {decode.DECODE_TIMEOUT_S:.0f} s to decode"
         ),
     )
 
@@ -377,7 +377,7 @@ def _run(
 def _decode(path: Path, cfg: ExtractConfig, video: bool, sound: bool) -> _Media:
     """Decode the middle frame and/or the audio of `path` the way extract does.
 
-    As in `extract.decode_with_header`, the header comes from the same run's log, the first pass
+    As in `decode.decode_with_header`, the header comes from the same run's log, the first pass
     assumes D = clip_seconds and a file whose header says it is shorter is decoded again with its
     own D. When the fps pass yields no frame (the header has no duration, or overstates it), one
     more pass keeps every frame of the first clip_seconds and takes the middle one.
@@ -426,7 +426,7 @@ def _check_length(
     path: Path,
     cfg: ExtractConfig,
     info: media.Probe,
-    run: extract.FfmpegRun,
+    run: decode.FfmpegRun,
     sound: bool,
 ) -> None:
     """Extract's truncation rule on the file of `run` (and its minimum length on a sound).
@@ -448,14 +448,14 @@ def _check_length(
             frames = None
             if info.has_video:
                 try:
-                    extract.check_truncation(cfg, info.duration_s, samples, 0, n)
+                    decode.check_truncation(cfg, info.duration_s, samples, 0, n)
                     frames = n  # the audio alone clears it
-                except extract.ClipError:
+                except decode.ClipError:
                     frames = len(_run(path, cfg, True, span, False, frames=n).frames)
-            extract.check_truncation(cfg, info.duration_s, samples, frames, n)
+            decode.check_truncation(cfg, info.duration_s, samples, frames, n)
         if sound:
-            extract.check_min_length(cfg, run.wave.size)
-    except extract.ClipError as err:
+            decode.check_min_length(cfg, run.wave.size)
+    except decode.ClipError as err:
         what = "too short: " if err.reason == "too_short" else ""
         raise InputError(f"{path} is {what}{err.detail}") from None
 
@@ -465,7 +465,7 @@ def _stored_frame(frame: np.ndarray, cfg: ExtractConfig) -> np.ndarray:
     does, so the tokenizers see the same compression artefacts as in training."""
     from PIL import Image
 
-    jpeg = extract.jpeg_bytes(np.ascontiguousarray(frame), cfg.jpeg_quality)
+    jpeg = decode.jpeg_bytes(np.ascontiguousarray(frame), cfg.jpeg_quality)
     return np.asarray(Image.open(_stdio.BytesIO(jpeg)).convert("RGB"))
 
 

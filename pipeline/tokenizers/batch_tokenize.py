@@ -58,7 +58,7 @@ import torch
 
 from pipeline import checkpoint, io
 from pipeline.config import TokenizeConfig
-from pipeline.data import extract
+from pipeline.data import extracted
 from pipeline.data.tokens import (
     ID_DTYPE,
     MAX_CODEBOOK,
@@ -232,7 +232,7 @@ class ClipEncoder:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Shard columns (JPEG lists, float16 mel bytes) -> (image_ids, audio_ids) as `encode`."""
         decoded = [
-            extract.decode_row(list(f), m, mel_shape) for f, m in zip(frames, mels, strict=True)
+            extracted.decode_row(list(f), m, mel_shape) for f, m in zip(frames, mels, strict=True)
         ]
         return self.encode(np.stack([d[0] for d in decoded]), np.stack([d[1] for d in decoded]))
 
@@ -468,7 +468,7 @@ def _extract_meta(extract_dir: Path) -> dict[str, Any]:
             f"{extract_dir} holds no extract output ({io.META_NAME}); "
             "run the extract stage first"
         )
-    return extract.load_meta(extract_dir)
+    return extracted.load_meta(extract_dir)
 
 
 def _tokenizer_record(folder: Path, tok: Tokenizer) -> dict[str, Any]:

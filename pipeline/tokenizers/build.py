@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import TokenizersConfig
-from pipeline.data import extract
+from pipeline.data import extracted
 from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.tokenizers.layout import MODALITIES
@@ -52,7 +52,7 @@ class TokenizersSummary:
 
 def input_specs(extract_dir: Path) -> dict[str, InputSpec]:
     """What each tokenizer eats, read from the extract stage's meta.json (not from params)."""
-    meta = extract.load_meta(extract_dir)
+    meta = extracted.load_meta(extract_dir)
     size = int(meta["image_size"])
     n_mels, frames = meta["mel"]["shape"]
     return {
@@ -111,6 +111,6 @@ def run_tokenizers(
         metrics.update({f"{modality}_{k}": float(v) for k, v in scores.items()})
         tok.save(out_dir / modality, extra={"test_metrics": scores})
         pictures += sorted(report.glob("*.png"))
-    vocoder = build_vocoder(cfg.vocoder, extract.settings(extract.load_meta(extract_dir)))
+    vocoder = build_vocoder(cfg.vocoder, extracted.settings(extracted.load_meta(extract_dir)))
     vocoder.save(out_dir / "vocoder", extra={"source": cfg.vocoder.melgan or "griffin_lim"})
     return TokenizersSummary(sources, metrics, vocoder.kind, time.monotonic() - start, pictures)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from pipeline import checkpoint
 from pipeline.config import ModalityTokenizerConfig, VQGANTrain
 from pipeline.data import audio
-from pipeline.data.extract import iter_examples, load_meta
+from pipeline.data.extracted import iter_examples, load_meta
 from pipeline.errors import PipelineError
 from pipeline.tokenizers.discriminator import (
     NLayerDiscriminator,
