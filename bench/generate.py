@@ -20,7 +20,7 @@ Only the transformer's token generation is timed: encoding the image, decoding t
 a mel and the vocoder are left out, as in bench/im2wav_sampler.py, so the two compare.
 
 TFLOP/s: clips/s x `flops_per_sample(cfg, layout, 0.0).forward` (one full-sequence forward;
-matrix products and attention, model-anchors §6.2) x 2 with guidance x N. Seconds per second of
+matrix products and attention, docs/references.md, "The transformer's size and cost") x 2 with guidance x N. Seconds per second of
 audio: s/clip over the clip length (`extract.clip_seconds`, 10 s). Given the same figure from
 bench/im2wav_sampler.py on the same device (`--im2wav-seconds-per-audio-second`), the speed
 ratio Im2Wav / this is printed.

@@ -3,13 +3,13 @@
     python bench/im2wav_sampler.py [--device auto] [--seconds 4.096] [--batch 1] [--tokens N]
                                    [--precision auto] [--dense] [--threads N] [--json F]
 
-What it stands for (every size below is from model-anchors §5, "Im2Wav"): two cascaded
+What it stands for (every size below: docs/references.md, "Im2Wav, for the speed comparison"): two cascaded
 decoder-only transformers sampled token by token. "Low" generates the coarse VQ-VAE level
 (hop 32 at 16 kHz: 500 tokens per second of audio, n_ctx 2,048); "Up" the fine level (hop 8:
 2,000 tokens/s, n_ctx 8,192); one 4.096 s clip is 2,048 + 8,192 = 10,240 sequential steps. Each
 is 48 pre-LN blocks of width 1,024 with 1 head, Jukebox's `m_attn 0.25` (q, k, v of width 256)
 and `m_mlp 1.0` (MLP width 1,024), ≈ 3·d² parameters per block, over 2,048 codes per level.
-Factorised attention `attn_order 2, blocks 64` (the anchors' numbers; which pattern each layer
+Factorised attention `attn_order 2, blocks 64` (the published configuration's numbers; which pattern each layer
 gets is Jukebox's, not stated there): even blocks attend within their block of n_ctx / 64
 positions (32 for Low, 128 for Up), odd blocks to the earlier positions at the same offset of
 every block (stride n_ctx / 64); `--dense` attends to the whole prefix instead. Low
@@ -59,7 +59,7 @@ CPU_TOKENS = 64
 
 @dataclass(frozen=True)
 class PriorConfig:
-    """One of Im2Wav's two priors (model-anchors §5)."""
+    """One of Im2Wav's two priors (docs/references.md)."""
 
     name: str
     hop: int  # waveform samples per token of this VQ-VAE level

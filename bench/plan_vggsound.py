@@ -23,7 +23,7 @@ from pipeline.models.flops import flops_per_sample
 from pipeline.profiles import paper_params
 from pipeline.tokenizers.layout import ModalityLayout, TokenLayout
 
-# VGGSound, official train.csv / test.csv (pipeline-anchors §1).
+# VGGSound, official train.csv / test.csv (docs/references.md, "VGGSound lists").
 TRAIN_CLIPS = 183_730
 TEST_CLIPS = 15_446
 

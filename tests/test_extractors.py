@@ -2,7 +2,7 @@
 official nestings, the audioldm_eval input path, and the front ends and output shapes.
 
 The networks here are randomly initialised or filled with constants: they check names, shapes and
-plumbing, never a metric value. Expected key tables are written out from metrics-anchors §2/§3
+plumbing, never a metric value. Expected key tables are written out from the official code (docs/references.md, "Paper-protocol metrics")
 and the official module definitions, independently of the code under test.
 """
 

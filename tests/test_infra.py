@@ -30,7 +30,7 @@ INFRA = ROOT / "infra"
 SHARED = "/mnt/shared"  # the shared volume, at the same path on every node
 WORKSPACE = f"{SHARED}/visual-echoes"
 
-VGGSOUND_TRAIN_CLIPS = 183_730  # official train.csv (pipeline-anchors §1)
+VGGSOUND_TRAIN_CLIPS = 183_730  # official train.csv (docs/references.md, "VGGSound lists")
 EPOCHS = 1000  # paper §4
 # bench/README.md: the paper model with activation checkpointing at 32 per GPU needs about 9 GiB,
 # within a 16 GB V100 (an estimate from a CPU count, not measured on a GPU).

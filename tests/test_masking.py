@@ -40,7 +40,7 @@ def test_ratios_follow_scipy_truncnorm_with_the_paper_parameters():
     a, b = (0.2 - 0.7) / 0.25, (1.0 - 0.7) / 0.25
     result = stats.kstest(ratios, stats.truncnorm(a, b, loc=0.7, scale=0.25).cdf)
     assert result.pvalue > 0.01
-    # μ is the location before truncation: the realised mean is lower (model-anchors §7.1).
+    # μ is the location before truncation: the realised mean is lower (docs/references.md, "Masking and decoding details").
     assert 0.64 < ratios.mean() < 0.68
     # ... and the KS test can tell a wrong distribution apart at this sample size.
     wrong = stats.truncnorm(a, b, loc=0.7, scale=0.15)

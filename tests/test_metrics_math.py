@@ -90,13 +90,13 @@ def test_singular_covariances_n_below_d_give_a_finite_distance():
     assert np.linalg.matrix_rank(a.sigma) == 5
     value = frechet_distance(a, b)
     assert np.isfinite(value) and value > 0
-    # §4 reports about 2e-10 relative at d = 2048; at this small d the ~1e-8 square roots of the
+    # docs/references.md reports about 2e-10 relative at d = 2048; at this small d the ~1e-8 square roots of the
     # noise eigenvalues are a larger share of the distance, measured here at about 4e-9.
     assert frechet_distance_eig(a, b) == pytest.approx(value, rel=2e-8)
 
 
 def test_eig_formula_agrees_with_sqrtm_for_full_rank_covariances():
-    # §4 reports ≤ 3e-15 relative (d = 128 and 2048); measured here at about 6e-15.
+    # docs/references.md reports ≤ 3e-15 relative (d = 128 and 2048); measured here at about 6e-15.
     for seed in range(3):
         a, b = _stats(400, 16, seed), _stats(300, 16, seed + 10, scale=1.3, shift=0.2)
         assert frechet_distance_eig(a, b) == pytest.approx(frechet_distance(a, b), rel=1e-13)
@@ -196,7 +196,7 @@ def test_load_refuses_stats_made_under_another_key(tmp_path):
 
 
 def _isc_reference(logits: np.ndarray, splits: int, seed: int) -> tuple[float, float]:
-    """torch-fidelity `isc_features_to_metric` as §1.5 describes it, in torch (float64)."""
+    """torch-fidelity `isc_features_to_metric` as audioldm_eval uses it, in torch (float64)."""
     n = logits.shape[0]
     x = torch.from_numpy(logits)[np.random.RandomState(seed).permutation(n), :].double()
     p, log_p = x.softmax(dim=1), x.log_softmax(dim=1)

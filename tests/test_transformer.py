@@ -56,7 +56,7 @@ def test_paper_config_is_407m_parameters_within_one_percent():
     with torch.device("meta"):
         model = AudioVisualTransformer(paper_params().model, paper)
     n = count_parameters(model)
-    # model-anchors §6.1: 407,309,313 with one shared 1025-row vocabulary; separate per-modality
+    # docs/references.md, "The transformer's size and cost": 407,309,313 with one shared 1025-row vocabulary; separate per-modality
     # tables (the spec) add 1024 x 1025 + 1023 = 1,050,623.
     assert n == 407_309_313 + 1_050_623
     assert abs(n - 407.3e6) / 407.3e6 < 0.01
@@ -162,7 +162,7 @@ def test_paper_training_flops_match_the_reference_count():
     )
     model = paper_params().model
     flops = flops_per_sample(model, paper, drop_ratio=0.5)
-    # model-anchors §6.2: encoder 164.3 GF (at 261 kept tokens; we keep 260), decoder 113.8 GF,
+    # docs/references.md, "The transformer's size and cost": encoder 164.3 GF (at 261 kept tokens; we keep 260), decoder 113.8 GF,
     # head 2.7 GF, training about 843 GF per sample.
     assert flops.decoder / 1e9 == pytest.approx(113.8, rel=1e-3)
     assert flops.encoder / 1e9 == pytest.approx(164.3, rel=0.01)

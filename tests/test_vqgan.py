@@ -1,4 +1,4 @@
-"""The VQGAN and MelGAN architectures against the official checkpoints' layouts (model-anchors §1–2)."""
+"""The VQGAN and MelGAN architectures against the official checkpoints' layouts (docs/references.md, "Official tokenizer and vocoder configurations")."""
 
 from __future__ import annotations
 

@@ -12,12 +12,12 @@ zero-padded to 32000 samples), then
 - CLIP image x Wav2CLIP: the cosine of the conditioning frame and the generated audio, per clip
   (CS = 100 x mean cosine). Wav2CLIP reads the same 16 kHz padded waveform.
 
-`scores()` labels the numbers as metrics-anchors §5.4 asks (extractor in the key, checkpoint
-hashes, protocol, N) and says whether they are comparable to the paper's Table 1 (§5.2), with the
+`scores()` labels the numbers (docs/references.md, "Paper-protocol metrics") (extractor in the key, checkpoint
+hashes, protocol, N) and says whether they are comparable to the paper's Table 1, with the
 failed conditions listed; `average_runs` joins the scores of several generation runs, as the
 paper averages two. IS and CS take the generated clips in clip-id order, whatever order they
 arrive in. `reference_audio` decodes a test clip's audio track with ffmpeg.
-Section numbers (§) refer to shared/reference/metrics-anchors.md.
+The rules these follow are in docs/references.md, "Paper-protocol metrics".
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from pipeline.metrics.math import (
 log = logging.getLogger(__name__)
 
 PROTOCOL = "audioldm_eval-main2024"
-# torchaudio.functional.resample at its defaults, as audio_io.resample re-implements it (§1.3).
+# torchaudio.functional.resample at its defaults, as audio_io.resample re-implements it.
 RESAMPLER = "torchaudio-sinc-hann-w6-r0.99"
 def clip_vit_b32_sha256() -> str:
     """OpenAI's ViT-B-32.pt sha256: part of its download URL, which clip._download checks; kept
@@ -227,7 +227,7 @@ class OfficialMetrics:
         reference clips were added): `fd_panns`, `fad_vggish`, `is_panns`, `is_panns_std`,
         `is_splits` (min(10, n_generated)), `cs_clip_wav2clip`. Labels: `protocol`,
         `sample_rate`, `resampler`, `n_generated`, `n_reference`, `sha256_<config field>` (first
-        8 hex of each file loaded), `comparable_to_paper` and `not_comparable_because` (§5.2's
+        8 hex of each file loaded), `comparable_to_paper` and `not_comparable_because` (the
         failed conditions, one sentence each). `full_vggsound_test`: the caller's word that the
         clips are the paper's whole VGGSound test list, one generated clip per test clip.
         """
@@ -281,7 +281,7 @@ class OfficialMetrics:
         }
 
     def _not_comparable(self, full_vggsound_test: bool, out: dict[str, Any]) -> list[str]:
-        """§5.2's conditions that fail, one sentence each; empty when the numbers compare."""
+        """The comparability conditions (docs/references.md) that fail, one sentence each; empty when the numbers compare."""
         reasons = []
         for field, extractor in self.by_field().items():
             if extractor is None:
@@ -346,7 +346,7 @@ def reference_audio(
 ) -> tuple[np.ndarray, int]:
     """A clip's audio at its native rate: (wave (T,) float32, sample_rate).
 
-    Channel 0 only (as audioldm_eval reads files, §1.3), the first `seconds` of the first audio
+    Channel 0 only (as audioldm_eval reads files), the first `seconds` of the first audio
     stream, decoded by ffmpeg to float32. The rate is the one ffmpeg reports for the samples it
     writes, i.e. the decoded stream's own. Raises ReferenceAudioError naming the file.
     """

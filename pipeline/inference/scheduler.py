@@ -9,7 +9,7 @@ Positions given as known never change.
 
 Guidance (Eq. 2) acts on logits, as Im2Wav, muse and 4M do: ℓ = s·ℓ(x, c) + (1 − s)·ℓ(x, M c),
 where M c is the condition modality fully masked; both passes run as one batched forward. The
-literal probability form can go negative for s > 1 (model-anchors §7.5).
+literal probability form can go negative for s > 1 (docs/references.md, "Masking and decoding details").
 """
 
 from __future__ import annotations

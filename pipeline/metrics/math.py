@@ -2,9 +2,8 @@
 
 No feature extractors and no media I/O live here; inputs are embeddings, logits or labels.
 FD, FAD, IS and KL reproduce haoheliu/audioldm_eval as of mid-2023 to mid-2024 ("main-2024",
-the code behind the paper's FD/FAD/IS); CS is the Im2Wav-style image-audio cosine. Section
-numbers (§) refer to shared/reference/metrics-anchors.md, which quotes the code these rules
-reproduce.
+the code behind the paper's FD/FAD/IS); CS is the Im2Wav-style image-audio cosine. The rules
+they reproduce are in docs/references.md, "Paper-protocol metrics".
 
 Deliberate differences from audioldm_eval, all far below the 2 decimals the paper reports:
 - means and sums run in float64 (audioldm_eval takes `np.mean` of float32 features, so its μ and
@@ -30,16 +29,16 @@ from pipeline.io import atomic_path
 
 log = logging.getLogger(__name__)
 
-# audioldm_eval metrics/fid.py (§1.4): ε·I added to both covariances when sqrtm is not finite, and
+# audioldm_eval metrics/fid.py: ε·I added to both covariances when sqrtm is not finite, and
 # the largest |Im| tolerated on the diagonal of sqrtm(Σ1·Σ2) before the real part is kept.
 FRECHET_EPS = 1e-6
 FRECHET_IMAG_ATOL = 1e-3
 
-# audioldm_eval metrics/isc.py = torch-fidelity isc_features_to_metric (§1.5).
+# audioldm_eval metrics/isc.py = torch-fidelity isc_features_to_metric.
 IS_SPLITS = 10
 IS_SEED = 2020
 
-# audioldm_eval calculate_kl (§1.6): added to the generated probabilities before the log.
+# audioldm_eval calculate_kl: added to the generated probabilities before the log.
 KL_EPS = 1e-6
 
 # How far a row of `from_logits=False` input may sum away from 1.
@@ -170,7 +169,7 @@ def _sqrtm(m: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
-    """‖μa − μb‖² + tr(Σa + Σb − 2(ΣaΣb)^½), by audioldm_eval's metrics/fid.py rule (§1.4, §1.7).
+    """‖μa − μb‖² + tr(Σa + Σb − 2(ΣaΣb)^½), by audioldm_eval's metrics/fid.py rule.
 
     That is the pytorch-fid / torch-fidelity ≤ 0.3 recipe: C = scipy.linalg.sqrtm(Σa·Σb); if C
     is not all finite, retry once with Σa + εI and Σb + εI (ε = 1e-6); if C is complex, raise
@@ -201,7 +200,7 @@ def frechet_distance_eig(a: GaussianStats, b: GaussianStats) -> float:
     The torchmetrics FID / torchaudio.functional.frechet_distance / torch-fidelity 0.4 formula
     (§4): no ε, eigenvalues in complex128 so that tiny negative ones give √ = 0 in the real
     part. Agrees with `frechet_distance` to ≤ 3e-15 relative for full-rank covariances and
-    about 2e-10 relative for rank-deficient ones (n < d), per §4; 4-10× faster at d = 2048.
+    about 2e-10 relative for rank-deficient ones (n < d) (docs/references.md); 4-10× faster at d = 2048.
     """
     _check_pair(a, b)
     diff = a.mu - b.mu
@@ -229,8 +228,8 @@ def inception_split_scores(
 ) -> np.ndarray:
     """Per-split Inception Scores (splits,) float64 of predictions (n, C), audioldm_eval's rule.
 
-    The rule of audioldm_eval metrics/isc.py, a copy of torch-fidelity `isc_features_to_metric`
-    (§1.5): rows permuted by `np.random.RandomState(seed).permutation(n)` when `shuffle`; float64
+    The rule of audioldm_eval metrics/isc.py, a copy of torch-fidelity `isc_features_to_metric`:
+    rows permuted by `np.random.RandomState(seed).permutation(n)` when `shuffle`; float64
     softmax and log-softmax over the C classes (or the given probabilities); split i holds rows
     i·n//splits to (i+1)·n//splits (sizes differ by at most one; not torch.chunk's ceil-size
     chunks); its score is exp(mean over rows of Σ_c p·(log p − log p̄)), p̄ the split's mean row.
@@ -264,7 +263,7 @@ def inception_score(
     seed: int = IS_SEED,
     from_logits: bool = True,
 ) -> tuple[float, float]:
-    """(mean, std) of `inception_split_scores`; std is np.std, population (ddof = 0), as in §1.5.
+    """(mean, std) of `inception_split_scores`; std is np.std, population (ddof = 0), as audioldm_eval does.
 
     With PANNs logits (n, 527) of the generated set only, this is audioldm_eval's
     `inception_score_mean` / `inception_score_std`.
@@ -276,7 +275,7 @@ def inception_score(
 def kl_divergence(
     generated_logits: ArrayLike, target_logits: ArrayLike, activation: str = "softmax"
 ) -> float:
-    """Paired KL(target ‖ generated), summed over classes and averaged over rows (§1.6).
+    """Paired KL(target ‖ generated), summed over classes and averaged over rows.
 
     audioldm_eval's `kl_div(log(act(gen) + 1e-6), act(target), reduction="sum") / n`, i.e.
     Σ_n Σ_c q·(log q − log(p + 1e-6)) / n with p = act(generated), q = act(target), and q·log q
@@ -299,7 +298,7 @@ def kl_divergence(
 
 
 def clip_score(image_emb: ArrayLike, audio_emb: ArrayLike) -> float:
-    """100 × mean over rows of cos(image_i, audio_i), both L2-normalised; no clamp at 0 (§3).
+    """100 × mean over rows of cos(image_i, audio_i), both L2-normalised; no clamp at 0.
 
     image_emb, audio_emb: (n, d), row i of both from the same clip (CLIP ViT-B/32 image and
     Wav2CLIP audio embeddings for the paper's CS). Result in [−100, 100].

@@ -1,4 +1,4 @@
-"""FLOPs of one training sample of the transformer (model-anchors §6.2 conventions).
+"""FLOPs of one training sample of the transformer (docs/references.md, "The transformer's size and cost").
 
 One multiply-add is 2 FLOPs. A pre-LN block over L tokens of width d with MLP ratio r costs
 (8 + 4r)·L·d² in its matrix products (QKV 6, projection 2, MLP 4r) plus 4·L²·d in attention

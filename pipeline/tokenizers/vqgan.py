@@ -54,7 +54,7 @@ class VQGANConfig:
         return height // f, width // f
 
 
-# The official configurations (model-anchors §1.1, §2.1).
+# The official configurations (docs/references.md, "Official tokenizer and vocoder configurations").
 IMAGENET_F16_1024 = VQGANConfig()
 VGGSOUND_CODEBOOK = VQGANConfig(
     in_channels=1, out_channels=1, resolution=848, attn_resolutions=(53,)

@@ -12,6 +12,6 @@ checkpoint's, so the user's local file loads strictly) and an extractor class wi
 
 `audio_io` turns files or arrays into audioldm_eval's 16 kHz evaluation waveform; `common` holds
 the shared checkpoint reading. Nothing here downloads weights: randomly initialised networks are
-for tests only and never give a reported number. Section numbers (§) refer to
-shared/reference/metrics-anchors.md.
+for tests only and never give a reported number. What each network must match is in
+docs/references.md, "Paper-protocol metrics".
 """

@@ -2,7 +2,7 @@
 
 Each clip is read as float32, only channel 0 is kept, its mean is subtracted, it is resampled to
 16 kHz with torchaudio's default windowed-sinc resampler and zero-padded at the end to at least
-32000 samples (metrics-anchors §1.3). torchaudio itself cannot be installed next to this
+32000 samples (docs/references.md, "Paper-protocol metrics"). torchaudio itself cannot be installed next to this
 project's torch, so `resample` re-implements `torchaudio.functional.resample` at its defaults
 (Hann window, lowpass_filter_width=6, rolloff=0.99), in the same dtype and operation order.
 """

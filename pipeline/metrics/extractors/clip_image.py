@@ -1,4 +1,4 @@
-"""OpenAI CLIP ViT-B/32 image tower, the image side of the CS metric (metrics-anchors §3).
+"""OpenAI CLIP ViT-B/32 image tower, the image side of the CS metric (docs/references.md, "Paper-protocol metrics").
 
 Only the vision transformer is built, under the attribute `visual`, so its state-dict names are
 OpenAI's own (`visual.conv1.weight`, `visual.transformer.resblocks.0.attn.in_proj_weight`, …) and

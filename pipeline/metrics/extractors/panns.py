@@ -1,4 +1,4 @@
-"""PANNs Cnn14 at 16 kHz, the network behind the paper's FD and IS (metrics-anchors §1.4, §2.1).
+"""PANNs Cnn14 at 16 kHz, the network behind the paper's FD and IS (docs/references.md, "Paper-protocol metrics").
 
 `Cnn14` re-declares the audioset_tagging_cnn / audioldm_eval module with the same attribute names,
 so `Cnn14_16k_mAP=0.438.pth` (`{"model": state_dict, "iteration": ..., ...}`) loads strictly. The

@@ -1,4 +1,4 @@
-"""VGGish as audioldm_eval's FAD runs it (metrics-anchors §1.7, §2.2): 128-d per 0.96 s example.
+"""VGGish as audioldm_eval's FAD runs it (docs/references.md, "Paper-protocol metrics"): 128-d per 0.96 s example.
 
 The network mirrors harritaylor/torchvggish's `VGG` (keys `features.*`, `embeddings.{0,2,4}.*`,
 so `vggish-10086976.pth` loads strictly) with the last ReLU removed, as audioldm_eval's

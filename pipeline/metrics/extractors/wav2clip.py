@@ -1,4 +1,4 @@
-"""Wav2CLIP audio encoder, the audio side of the CS metric (metrics-anchors §3).
+"""Wav2CLIP audio encoder, the audio side of the CS metric (docs/references.md, "Paper-protocol metrics").
 
 Mirrors the released wav2clip 0.1.0 (the PyPI wheel that Im2Wav pins, whose `get_model` loads
 `Wav2CLIP.pt` from the v0.1.0-alpha GitHub release) as `ResNetExtractor(scenario="frozen",
