@@ -384,5 +384,7 @@ def load(folder: str | Path) -> tuple[StateDict, dict[str, Any]]:
     meta = io.read_json(meta_path)
     state = read_state_dict(folder / WEIGHTS_NAME)
     if meta.get("weights_sha256") not in (None, state.sha256):
-        raise CheckpointError(f"{folder / WEIGHTS_NAME} does not match the sha256 in {io.META_NAME}")
+        raise CheckpointError(
+            f"{folder / WEIGHTS_NAME} does not match the sha256 in {io.META_NAME}"
+        )
     return state, meta

@@ -200,7 +200,9 @@ def test_every_stage_reads_exactly_the_params_it_declares(tiny_upstream, tiny_re
         declared = spec[stage].get("params", [])
         reads = {k for k in reads if not k.startswith("paths.")}
         undeclared = sorted(k for k in reads if not any(_covers(d, k) for d in declared))
-        assert not undeclared, f"stage {stage} reads {undeclared} but dvc.yaml does not declare them"
+        assert not undeclared, (
+            f"stage {stage} reads {undeclared} but dvc.yaml does not declare them"
+        )
         unread = sorted(d for d in declared if not any(_covers(d, k) for k in reads))
         assert not unread, f"stage {stage} declares {unread} but never reads them"
 

@@ -115,7 +115,10 @@ def download_local(
         log.warning("%s: skipped %s", lcfg.labels_csv, bad.reason)
     selected = select_clips(
         sorted(entries, key=lambda e: e.clip_id),
-        splits=cfg.splits, classes=cfg.classes, limit=cfg.limit, source=lcfg.labels_csv
+        splits=cfg.splits,
+        classes=cfg.classes,
+        limit=cfg.limit,
+        source=lcfg.labels_csv,
     )
     io.remove_stale_temporaries(clips_dir)
     prev = {r.clip_id: r for r in previous}

@@ -122,7 +122,9 @@ def load_token_meta(out_dir: Path) -> tuple[TokenLayout, dict[str, Any]]:
     """The tokens' TokenLayout and the whole meta.json."""
     path = Path(out_dir) / io.META_NAME
     if not path.is_file():
-        raise TokensError(f"{out_dir} holds no tokens ({io.META_NAME}); run the tokenize stage first")
+        raise TokensError(
+            f"{out_dir} holds no tokens ({io.META_NAME}); run the tokenize stage first"
+        )
     meta = io.read_json(path)
     return TokenLayout.from_dict(meta["layout"]), meta
 

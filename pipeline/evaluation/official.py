@@ -55,12 +55,16 @@ log = logging.getLogger(__name__)
 PROTOCOL = "audioldm_eval-main2024"
 # torchaudio.functional.resample at its defaults, as audio_io.resample re-implements it.
 RESAMPLER = "torchaudio-sinc-hann-w6-r0.99"
+
+
 def clip_vit_b32_sha256() -> str:
     """OpenAI's ViT-B-32.pt sha256: part of its download URL, which clip._download checks; kept
     once, in pipeline/weights/registry.yaml."""
     from pipeline.weights.registry import load_registry
 
     return load_registry()["clip_vit_b32"].sha256
+
+
 SHA_CHARS = 8
 # The paper's Table 1 averages two generation runs (docs/references.md, "Visual Echoes").
 PAPER_RUNS = 2

@@ -465,8 +465,7 @@ def _compact(
 def _extract_meta(extract_dir: Path) -> dict[str, Any]:
     if not (extract_dir / io.META_NAME).is_file():
         raise TokenizeError(
-            f"{extract_dir} holds no extract output ({io.META_NAME}); "
-            "run the extract stage first"
+            f"{extract_dir} holds no extract output ({io.META_NAME}); run the extract stage first"
         )
     return extracted.load_meta(extract_dir)
 

@@ -26,7 +26,6 @@ from pipeline.tokenizers.vocoder import build_vocoder
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class TokenizersSummary:
     sources: dict[str, str]
