@@ -21,7 +21,7 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test lint clean-data
+.PHONY: setup demo test lint lint-code clean-data
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,12 +38,14 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/dvc repro
 
-test: setup
-	$(BIN)/ruff check pipeline stages tests bench
+test: setup lint-code
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: setup
+lint: setup lint-code
+
+lint-code:
 	$(BIN)/ruff check pipeline stages tests bench
+	$(BIN)/ruff format --check pipeline stages tests bench
 
 clean-data:
 	rm -rf data reports mlflow.db

@@ -567,7 +567,7 @@ def targets(results: dict[str, Any], dry: bool) -> list[dict[str, Any]]:
         _tokenize_figure,
         lambda p: p["overhead"] <= TOKENIZE_OVERHEAD,
     )
-    return rows  # fmt: skip
+    return rows
 
 
 def _cell(text: Any) -> str:

@@ -208,7 +208,7 @@ def test_a_training_checkpoint_cut_by_a_full_disk_leaves_the_previous_one(
         checkpoint_every=4,
     )
     job = loop.TrainJob(model, train, layout.to_dict(), str(tokens), seed=0, fingerprint="f")
-    env = loop.FolderEnvironment(tmp_path / "run")  # fmt: skip
+    env = loop.FolderEnvironment(tmp_path / "run")
     save = torch.save
     monkeypatch.setattr(
         torch, "save",
