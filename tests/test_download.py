@@ -414,7 +414,7 @@ def test_run_download_user_errors(tmp_path):
     )
     with pytest.raises(DownloadError, match="does not exist"):
         run_download(missing, tmp_path / "clips", seed=0)
-    with pytest.raises(DownloadError, match="no clip left"):
+    with pytest.raises(DownloadError, match="'not a class' is not a label of"):
         run_download(dataclasses.replace(cfg, classes=("not a class",)), tmp_path / "clips", seed=0)
     with pytest.raises(DownloadError, match="no clip left"):
         run_download(
