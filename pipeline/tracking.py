@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 from pipeline import io
 from pipeline.errors import PipelineError
+from pipeline.media import ffmpeg_version
 
 log = logging.getLogger(__name__)
 
@@ -277,9 +278,10 @@ def stage_run(
 ) -> Iterator[StageRun]:
     """One MLflow run for one stage execution.
 
-    Logs `params` (flattened), tags `stage` and `git_commit` (and `dvc_exp` inside `dvc exp run`),
-    records the wall time as `seconds`, and writes the run id to `<report_dir>/mlflow_run.json`
-    beside the stage's DVC metrics. A failing stage ends its run as FAILED (KILLED when
+    Logs `params` (flattened), tags `stage`, `git_commit`, `ffmpeg` (the version line of the
+    ffmpeg the stages run) and `dvc_exp` inside `dvc exp run`, records the wall time as
+    `seconds`, and writes the run id to `<report_dir>/mlflow_run.json` beside the stage's DVC
+    metrics. A failing stage ends its run as FAILED (KILLED when
     interrupted). A server that does not answer at the start is a TrackingError before any work;
     one that stops answering later is written around (see `StageRun`).
     """
@@ -290,7 +292,8 @@ def stage_run(
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = tracking_uri(repo_root)
     check_server(uri)
-    tags = {"stage": stage, "git_commit": git_commit(repo_root or ".")}
+    # The ffmpeg too: the same clip decodes to other samples with another build.
+    tags = {"stage": stage, "git_commit": git_commit(repo_root or "."), "ffmpeg": ffmpeg_version()}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp"] = os.environ["DVC_EXP_NAME"]
     tags = resolve_tags(tags)  # + user, source: what mlflow.start_run adds

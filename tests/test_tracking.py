@@ -8,6 +8,7 @@ import mlflow
 import pytest
 
 from pipeline import tracking
+from pipeline.media import ffmpeg_version
 
 
 def test_default_uri_is_sqlite_at_the_repo_root(tmp_path, monkeypatch):
@@ -56,6 +57,8 @@ def test_stage_run_logs_one_tagged_run(tmp_path, monkeypatch):
     assert got.data.tags["stage"] == "download"
     assert got.data.tags["dvc_exp"] == "exp-1"
     assert "git_commit" in got.data.tags
+    assert got.data.tags["ffmpeg"] == ffmpeg_version()
+    assert got.data.tags["ffmpeg"].startswith("ffmpeg version ")
     assert got.data.params == {"source": "synthetic"}
     assert got.data.metrics["clips_ok"] == 12
     assert got.data.metrics["seconds"] >= 0

@@ -45,7 +45,6 @@ finished chunks; the cache is deleted after a successful compaction.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import functools
 import hashlib
 import io as _stdio
 import json
@@ -202,14 +201,6 @@ class ExtractSummary:
 
 
 # ----------------------------------------------------------------------------------- one clip
-
-
-@functools.cache
-def ffmpeg_version() -> str:
-    """First line of `ffmpeg -version`, e.g. 'ffmpeg version n9.0.2-...'."""
-    out = subprocess.run([ffmpeg_exe(), "-version"], capture_output=True, check=True, timeout=30)
-    line = out.stdout.decode("utf-8", "replace").splitlines()[0]
-    return line.split(" Copyright")[0].strip()
 
 
 def fps_fraction(num_frames: int, span_s: float) -> Fraction:
@@ -505,7 +496,7 @@ def cache_key(cfg: ExtractConfig, clips_dir: Path, records: list[ClipRecord]) ->
     files = [
         [r.clip_id, r.label, r.split, r.path, *_file_stamp(clips_dir, r.path)] for r in records
     ]
-    blob = json.dumps([params, ffmpeg_version(), code, files], sort_keys=True).encode()
+    blob = json.dumps([params, media.ffmpeg_version(), code, files], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
@@ -668,7 +659,7 @@ def _meta(
             "rows": len(failures),
             "sha256": io.sha256_file(tmp / FAILURES_NAME),
         },
-        "ffmpeg": ffmpeg_version(),
+        "ffmpeg": media.ffmpeg_version(),
         "limits": {
             "min_seconds": MIN_SECONDS,
             "silence_peak": SILENCE_PEAK,
