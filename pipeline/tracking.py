@@ -299,10 +299,7 @@ def stage_run(
     tags = resolve_tags(tags)  # + user, source: what mlflow.start_run adds
     client = MlflowClient(uri)
     try:
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = (
-            found.experiment_id if found is not None else client.create_experiment(experiment)
-        )
+        experiment_id = _experiment_id(client, experiment)
         run_id = client.create_run(experiment_id, tags=tags, run_name=stage).info.run_id
     except MlflowException as err:
         if not _unreachable(err):
@@ -332,6 +329,23 @@ def stage_run(
         )  # fmt: skip
     io.write_json(Path(report_dir) / RUN_ID_FILE, record)
     log.info("MLflow run %s in experiment %r", run_id, experiment)
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    """The id of experiment `name`, created when missing. Stages that start together on a new
+    server (Tune trials, parallel `dvc exp` runs) may both find it missing: the one whose create
+    loses reads the other's."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return client.get_experiment_by_name(name).experiment_id
 
 
 def search_runs(experiment: str, uri: str) -> list[dict[str, Any]] | None:
