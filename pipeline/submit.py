@@ -22,8 +22,10 @@ be the wrong kind of address there). `MLFLOW_*` variables and `--env` ones are f
 `runtime_env.env_vars` (not a tracking URI on localhost: a port-forward here is the head node
 there); names containing KEY, TOKEN, SECRET or PASSWORD are never echoed.
 
-The job's logs stream to stdout; the command exits 0 only when the job SUCCEEDED, so it can be a
-DVC stage's `cmd` itself. Ctrl-C stops the job (Ray sends SIGTERM, then SIGKILL).
+A cluster whose Ray is not exactly the client's (the job server reports its version) is refused
+before anything is submitted. The job's logs stream to stdout; the command exits 0 only when the
+job SUCCEEDED, so it can be a DVC stage's `cmd` itself. Ctrl-C stops the job (Ray sends SIGTERM,
+then SIGKILL).
 """
 
 from __future__ import annotations
