@@ -38,7 +38,7 @@ def _check(args: argparse.Namespace) -> str:
     from pathlib import Path
 
     from pipeline.config import load_params
-    from pipeline.media import ffmpeg_exe
+    from pipeline.media import describe_ffmpeg
     from pipeline.weights.registry import LOCK_FILE, Lock, WeightsError, load_registry
     from pipeline.weights.store import params_report
 
@@ -46,7 +46,7 @@ def _check(args: argparse.Namespace) -> str:
     root = Path(args.params).parent  # the stages run beside params.yaml
     lock = Lock(args.lock or root / LOCK_FILE)
     report, problem = params_report(params, load_registry(args.registry), lock, root)
-    out = f"{args.params} is valid; ffmpeg: {ffmpeg_exe()}\n{report}"
+    out = f"{args.params} is valid; ffmpeg: {describe_ffmpeg()}\n{report}"
     if problem:  # the stage that reads a missing or wrong file would fail hours into a run
         print(out)
         raise WeightsError(problem)

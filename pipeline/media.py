@@ -1,13 +1,18 @@
 """The ffmpeg binary and a header-only probe of a media file.
 
-The system ffmpeg is used when there is one; otherwise the binary that ships inside the
-`imageio-ffmpeg` wheel, so that no set-up step needs root. ffprobe is not required: the probe
-reads the stream header that `ffmpeg -i` prints.
+Every stage runs one ffmpeg: the binary inside the `imageio-ffmpeg` wheel, whose version the
+locks pin, so that a laptop, CI and the cluster image decode a clip to the same samples (builds
+of different versions and libraries do not: Debian's ffmpeg 5.1 gives a 3-s AAC clip 66,560
+samples where this one gives 66,150). An ffmpeg on PATH is never picked up by itself; set
+VISUAL_ECHOES_FFMPEG to a path (or a command name on PATH) to use another. Either way its
+version line is what extract's meta.json and every stage's MLflow run record. No set-up step
+needs root, and ffprobe is not required: the probe reads the stream header `ffmpeg -i` prints.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shutil
 import subprocess
@@ -22,17 +27,58 @@ class MediaError(PipelineError):
     """A media file that cannot be used; the message says why in one sentence."""
 
 
+FFMPEG_ENV = "VISUAL_ECHOES_FFMPEG"  # another ffmpeg than the pinned one, on request
+
+
 @functools.cache
 def ffmpeg_exe() -> str:
-    """Path of the ffmpeg binary: $PATH first, then the imageio-ffmpeg wheel's."""
-    found = shutil.which("ffmpeg")
-    if found:
-        return found
+    """Path of the ffmpeg every stage runs: $VISUAL_ECHOES_FFMPEG when set (a path, or a name
+    looked up on PATH), else the binary inside the imageio-ffmpeg wheel. Raises `MediaError`
+    when the one asked for is not there."""
+    asked = os.environ.get(FFMPEG_ENV, "").strip()
+    if asked:
+        found = shutil.which(asked)
+        if found is None:
+            raise MediaError(f"{FFMPEG_ENV}={asked} is not an executable file")
+        return str(Path(found).resolve())
+    return _wheel_ffmpeg()
+
+
+def _wheel_ffmpeg() -> str:
+    """The imageio-ffmpeg wheel's own binary. Not `imageio_ffmpeg.get_ffmpeg_exe()`: that
+    prefers $IMAGEIO_FFMPEG_EXE and falls back to an ffmpeg on PATH, the very thing avoided."""
+    import imageio_ffmpeg
+
+    folder = Path(imageio_ffmpeg.__file__).parent / "binaries"
+    found = sorted(p for p in folder.glob("ffmpeg*") if p.is_file() and os.access(p, os.X_OK))
+    if not found:
+        raise MediaError(
+            f"the imageio-ffmpeg {imageio_ffmpeg.__version__} install has no ffmpeg binary for "
+            f"this platform; set {FFMPEG_ENV} to an ffmpeg to use"
+        )
+    return str(found[0])
+
+
+def ffmpeg_source() -> str:
+    """Where `ffmpeg_exe` comes from, in words: the wheel, or the variable that chose it."""
+    if os.environ.get(FFMPEG_ENV, "").strip():
+        return f"chosen by {FFMPEG_ENV}"
+    return "pinned, from the imageio-ffmpeg wheel"
+
+
+@functools.cache
+def ffmpeg_version() -> str:
+    """First line of `ffmpeg -version` of `ffmpeg_exe()`, e.g. 'ffmpeg version n9.0.2-...'.
+    Raises `MediaError` when it does not run."""
+    exe = ffmpeg_exe()
     try:
-        import imageio_ffmpeg
-    except ImportError:  # pragma: no cover - a dependency of the package
-        raise MediaError("no ffmpeg on PATH and imageio-ffmpeg is not installed") from None
-    return imageio_ffmpeg.get_ffmpeg_exe()
+        out = subprocess.run([exe, "-version"], capture_output=True, check=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as err:
+        raise MediaError(f"ffmpeg {exe} does not run ({type(err).__name__})") from None
+    first = (out.stdout.decode("utf-8", "replace").splitlines() or [""])[0]
+    if not first.startswith("ffmpeg version"):
+        raise MediaError(f"{exe} is not ffmpeg (`-version` printed {first[:60]!r})")
+    return first.split(" Copyright")[0].strip()
 
 
 @dataclass(frozen=True)
@@ -100,19 +146,22 @@ def parse_probe(text: str) -> Probe | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.media --check`: say which ffmpeg is used, fail if none runs."""
+    """`python -m pipeline.media --check`: say which ffmpeg is used, fail if it does not run."""
     argv = sys.argv[1:] if argv is None else argv
     if argv != ["--check"]:
         print("usage: python -m pipeline.media --check", file=sys.stderr)
         return 2
     try:
-        exe = ffmpeg_exe()
-        out = subprocess.run([exe, "-version"], capture_output=True, check=True, timeout=30).stdout
-    except (MediaError, OSError, subprocess.SubprocessError) as err:
-        print(f"error: ffmpeg does not run: {err}", file=sys.stderr)
+        print(f"ffmpeg: {describe_ffmpeg()}")
+    except MediaError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"ffmpeg: {exe} ({out.decode().splitlines()[0]})")
     return 0
+
+
+def describe_ffmpeg() -> str:
+    """'<path> (<version line>; <source>)', for `check` commands. Raises `MediaError`."""
+    return f"{ffmpeg_exe()} ({ffmpeg_version()}; {ffmpeg_source()})"
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ be the wrong kind of address there). `MLFLOW_*` variables and `--env` ones are f
 `runtime_env.env_vars` (not a tracking URI on localhost: a port-forward here is the head node
 there); names containing KEY, TOKEN, SECRET or PASSWORD are never echoed.
 
-The job's logs stream to stdout; the command exits 0 only when the job SUCCEEDED, so it can be a
-DVC stage's `cmd` itself. Ctrl-C stops the job (Ray sends SIGTERM, then SIGKILL).
+A cluster whose Ray is not exactly the client's (the job server reports its version) is refused
+before anything is submitted. The job's logs stream to stdout; the command exits 0 only when the
+job SUCCEEDED, so it can be a DVC stage's `cmd` itself. Ctrl-C stops the job (Ray sends SIGTERM,
+then SIGKILL).
 """
 
 from __future__ import annotations
@@ -328,7 +330,7 @@ def connect(address: str):
     logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)
     saved = {v: os.environ.pop(v) for v in ADDRESS_VARIABLES if v in os.environ}
     try:
-        return JobSubmissionClient(address)
+        client = JobSubmissionClient(address)
     except (ConnectionError, OSError, RuntimeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SubmitError(
@@ -338,6 +340,28 @@ def connect(address: str):
         ) from None
     finally:
         os.environ.update(saved)
+    check_ray_version(address, cluster_ray_version(client))
+    return client
+
+
+def cluster_ray_version(client: Any) -> str | None:
+    """The Ray version the cluster's job server reported (`GET /api/version`, which the client
+    asks while connecting and keeps); None when it did not say."""
+    return getattr(client, "_server_ray_version", None)
+
+
+def check_ray_version(address: str, cluster: str | None) -> None:
+    """SubmitError unless the cluster runs exactly this client's Ray. The job API and the
+    runtime_env upload change between releases, and a cluster on another release runs the
+    pipeline on a Ray that the tests did not (the locks, the image and infra/ pin one)."""
+    import ray
+
+    if cluster != ray.__version__:
+        raise SubmitError(
+            f"the cluster at {address} runs Ray {cluster or 'of an unknown version'} and this "
+            f"client Ray {ray.__version__}; use the cluster image of infra/ (the lock's Ray) or "
+            "install the cluster's Ray here"
+        )
 
 
 class LogPrinter:

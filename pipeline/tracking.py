@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 from pipeline import io
 from pipeline.errors import PipelineError
+from pipeline.media import ffmpeg_version
 
 log = logging.getLogger(__name__)
 
@@ -277,9 +278,10 @@ def stage_run(
 ) -> Iterator[StageRun]:
     """One MLflow run for one stage execution.
 
-    Logs `params` (flattened), tags `stage` and `git_commit` (and `dvc_exp` inside `dvc exp run`),
-    records the wall time as `seconds`, and writes the run id to `<report_dir>/mlflow_run.json`
-    beside the stage's DVC metrics. A failing stage ends its run as FAILED (KILLED when
+    Logs `params` (flattened), tags `stage`, `git_commit`, `ffmpeg` (the version line of the
+    ffmpeg the stages run) and `dvc_exp` inside `dvc exp run`, records the wall time as
+    `seconds`, and writes the run id to `<report_dir>/mlflow_run.json` beside the stage's DVC
+    metrics. A failing stage ends its run as FAILED (KILLED when
     interrupted). A server that does not answer at the start is a TrackingError before any work;
     one that stops answering later is written around (see `StageRun`).
     """
@@ -290,16 +292,14 @@ def stage_run(
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = tracking_uri(repo_root)
     check_server(uri)
-    tags = {"stage": stage, "git_commit": git_commit(repo_root or ".")}
+    # The ffmpeg too: the same clip decodes to other samples with another build.
+    tags = {"stage": stage, "git_commit": git_commit(repo_root or "."), "ffmpeg": ffmpeg_version()}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp"] = os.environ["DVC_EXP_NAME"]
     tags = resolve_tags(tags)  # + user, source: what mlflow.start_run adds
     client = MlflowClient(uri)
     try:
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = (
-            found.experiment_id if found is not None else client.create_experiment(experiment)
-        )
+        experiment_id = _experiment_id(client, experiment)
         run_id = client.create_run(experiment_id, tags=tags, run_name=stage).info.run_id
     except MlflowException as err:
         if not _unreachable(err):
@@ -329,6 +329,23 @@ def stage_run(
         )  # fmt: skip
     io.write_json(Path(report_dir) / RUN_ID_FILE, record)
     log.info("MLflow run %s in experiment %r", run_id, experiment)
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    """The id of experiment `name`, created when missing. Stages that start together on a new
+    server (Tune trials, parallel `dvc exp` runs) may both find it missing: the one whose create
+    loses reads the other's."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return client.get_experiment_by_name(name).experiment_id
 
 
 def search_runs(experiment: str, uri: str) -> list[dict[str, Any]] | None:

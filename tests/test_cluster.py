@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -195,6 +196,78 @@ def test_submit_is_a_subcommand_with_repro_options():
     args = build_parser().parse_args(["submit", "-s", "--in-place", "train", "evaluate"])
     assert args.stages == ["train", "evaluate"] and args.single_item and args.in_place
     assert args.address is None and not args.no_wait
+
+
+class RayVersionStub:
+    """A loopback stand-in for a Ray dashboard's job server on another Ray: answers
+    `GET /api/version` with the fields Ray's job head sends (ray.dashboard.modules.version's
+    VersionResponse) and the given `ray_version`, 404 to anything else, and records every
+    request (a submitted job would be a POST /api/jobs/)."""
+
+    def __init__(self, ray_version: str) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from ray.dashboard.modules.version import CURRENT_VERSION
+
+        self.requests: list[str] = []
+        body = json.dumps({"version": CURRENT_VERSION, "ray_version": ray_version,
+                           "ray_commit": "0" * 40, "session_name": "stub"}).encode()  # fmt: skip
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _answer(self) -> None:
+                stub.requests.append(f"{self.command} {self.path}")
+                ok = self.command == "GET" and self.path == "/api/version"
+                self.send_response(200 if ok else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body) if ok else 0))
+                self.end_headers()
+                if ok:
+                    self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = _answer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def version_stub():
+    stubs: list[RayVersionStub] = []
+    yield lambda version: stubs.append(RayVersionStub(version)) or stubs[-1]
+    for stub in stubs:
+        stub.close()
+
+
+def test_submit_refuses_a_cluster_on_another_ray_before_submitting(
+    tmp_path, capsys, monkeypatch, version_stub
+):
+    import ray
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.chdir(_repo(tmp_path))
+    for other in ("2.59.0", "2.61.0"):
+        stub = version_stub(other)
+        assert main(["submit", "--in-place", "--address", stub.address, "train"]) == 1
+        err = capsys.readouterr().err
+        assert (
+            f"visual-echoes: error: the cluster at {stub.address} runs Ray {other} and this "
+            f"client Ray {ray.__version__};" in err
+        )
+        assert "Traceback" not in err
+        assert all(r == "GET /api/version" for r in stub.requests), stub.requests
+    # The same stub on the client's own version is accepted: the check reads what Ray's client
+    # learnt while connecting, so a Ray that stops keeping it fails here, not silently.
+    same = version_stub(ray.__version__)
+    assert submit.cluster_ray_version(submit.connect(same.address)) == ray.__version__
 
 
 # -------------------------------------------------------------------------- the cluster

@@ -149,10 +149,15 @@ def test_kuberay_manifests_have_what_the_operator_requires(kuberay):
             )
 
 
+def _named(docs: list[dict], name: str) -> dict:
+    (doc,) = [d for d in docs if d["metadata"]["name"] == name]
+    return doc
+
+
 def test_kuberay_pods_mount_the_shared_claim_and_log_to_the_mlflow_service(kuberay):
-    (claim,) = kuberay["PersistentVolumeClaim"]
+    claim = _named(kuberay["PersistentVolumeClaim"], "visual-echoes-shared")
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
-    (service,) = kuberay["Service"]
+    service = _named(kuberay["Service"], "visual-echoes-mlflow")
     (account,) = kuberay["ServiceAccount"]
     for name, spec in _cluster_specs(kuberay).items():
         for pod in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
@@ -188,16 +193,108 @@ def test_the_rayjob_runs_the_rayclusters_pods_with_a_fixed_gpu_group(kuberay):
 # ------------------------------------------------------------------------------------ Dockerfile
 
 
-def test_dockerfile_installs_a_v100_torch_from_the_cu126_index_and_ffmpeg():
+def test_dockerfile_installs_the_lock_on_cis_python_then_a_v100_torch_from_the_cu126_index():
     text = (INFRA / "docker" / "Dockerfile").read_text()
+    makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^FROM nvidia/cuda:12\.6\.\d+-cudnn-runtime-ubuntu2[24]\.04$", text, re.M)
     assert "https://download.pytorch.org/whl/cu126" in text
-    (major, minor), *_ = [tuple(map(int, m)) for m in re.findall(r"torch==(\d+)\.(\d+)", text)]
+    (torch,) = re.findall(r'^ARG TORCH_SPEC="?(torch==[\d.]+)"?$', text, re.M)
+    major, minor, _ = map(int, torch.removeprefix("torch==").split("."))
     assert (major, minor) <= (2, 14), "CUDA 12.6 wheels after 2.14 may lack V100 (sm_70) kernels"
+    assert f"TORCH_SPEC={torch} " in makefile, "the Makefile's V100 line installs the image's torch"
     assert "sm_70" in text
-    assert re.search(r"apt-get install[^\n]*(\\\n[^\n]*)*\bffmpeg\b", text)
-    assert re.search(r"pip install -c \S+ \.", text), "the package itself is installed"
-    assert re.search(rf"RAY_VERSION={re.escape(ray.__version__)}$", text, re.M)
+    # CI's Python minor version (the Makefile's, which the locks are resolved for).
+    (python,) = re.findall(r"^PYTHON_MINOR := (\S+)$", makefile, re.M)
+    assert re.search(rf"^ARG PYTHON_MINOR={re.escape(python)}$", text, re.M)
+    # The lock with hashes, then torch, then the package without dependencies, then pip check.
+    steps = [
+        "pip install --require-hashes --no-deps -r requirements/cu126.txt",
+        'pip install "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"',
+        "pip install --no-deps --no-build-isolation .",
+        "pip check",
+    ]
+    assert all(s in text for s in steps) and sorted(steps, key=text.index) == steps
+    assert "requirements/cu126.txt" in (INFRA / "docker" / "Dockerfile.dockerignore").read_text()
+    # No system ffmpeg: the stages run the lock's imageio-ffmpeg binary.
+    assert not re.search(r"apt-get install[^\n]*(\\\n[^\n]*)*\bffmpeg\b", text)
+
+
+def _ray_pins() -> dict[str, set[str]]:
+    """Every place that pins Ray, with the version(s) it names."""
+    text = lambda *parts: (ROOT.joinpath(*parts)).read_text()  # noqa: E731
+    pins: dict[str, set[str]] = {}
+    pins["pyproject.toml"] = set(re.findall(r'"ray\[[^\]]*\]==([^"]+)"', text("pyproject.toml")))
+    for lock in ("cpu", "cu126"):
+        pins[f"requirements/{lock}.txt"] = set(
+            re.findall(r"^ray==(\S+)", text("requirements", f"{lock}.txt"), re.M)
+        )
+    pins["Dockerfile"] = set(
+        re.findall(r"^ARG RAY_VERSION=(\S+)$", text("infra/docker/Dockerfile"), re.M)
+    )
+    for path in sorted((INFRA / "kuberay").glob("*.yaml")):
+        found = re.findall(r'rayVersion: "([^"]+)"', path.read_text())
+        if found:
+            pins[f"kuberay/{path.name}"] = set(found)
+    launcher = yaml.safe_load(text("infra/aws/cluster.yaml"))
+    pins["aws/cluster.yaml"] = {
+        m
+        for c in launcher["setup_commands"]
+        for m in re.findall(r"ray.__version__ == '([^']+)'", c)
+    }
+    return pins
+
+
+def test_one_ray_version_everywhere():
+    """The client (pyproject, the locks), the image, the KubeRay clusters and the launcher's node
+    check name one Ray, and the installed client is it."""
+    pins = _ray_pins()
+    assert set(pins) >= {"kuberay/raycluster.yaml", "kuberay/rayjob.yaml"}
+    assert all(len(v) == 1 for v in pins.values()), f"not one version each: {pins}"
+    versions = {k: next(iter(v)) for k, v in pins.items()}
+    assert len(set(versions.values())) == 1, f"Ray versions disagree: {versions}"
+    assert ray.__version__ == versions["pyproject.toml"], "this venv's Ray is not the pinned one"
+
+
+def test_mlflow_runs_on_postgresql_with_s3_artifacts(launcher, kuberay):
+    """No SQLite store on the cluster (unreliable on NFS with many writers): the launcher's
+    MLflow server reads a PostgreSQL URI from a file, KubeRay's from its PostgreSQL Service."""
+    infra_text = "".join(p.read_text() for p in sorted(INFRA.rglob("*.yaml")))
+    assert "sqlite:/" not in infra_text.lower()  # a store URI, not the word in a comment
+    (server,) = [c for c in launcher["head_start_ray_commands"] if "mlflow server" in c]
+    assert ". /mnt/shared/mlflow/backend.env" in server and "set -a" in server
+    assert "--backend-store-uri" not in server  # MLFLOW_BACKEND_STORE_URI from the file
+    assert "--artifacts-destination s3://" in server
+
+    deployments = kuberay["Deployment"]
+    db = _named(deployments, "visual-echoes-mlflow-db")["spec"]["template"]["spec"]
+    (postgres,) = db["containers"]
+    assert re.fullmatch(r"postgres:15(\.\d+)?", postgres["image"])
+    env = {e["name"]: e for e in postgres["env"]}
+    claim = _named(kuberay["PersistentVolumeClaim"], "visual-echoes-mlflow-db")
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    (volume,) = [
+        v
+        for v in db["volumes"]
+        if v["persistentVolumeClaim"]["claimName"] == "visual-echoes-mlflow-db"
+    ]
+    (mount,) = [m for m in postgres["volumeMounts"] if m["name"] == volume["name"]]
+    assert env["PGDATA"]["value"].startswith(mount["mountPath"] + "/")
+    db_service = _named(kuberay["Service"], "visual-echoes-mlflow-db")
+    assert (
+        db_service["spec"]["selector"]
+        == _named(deployments, "visual-echoes-mlflow-db")["spec"]["selector"]["matchLabels"]
+    )
+
+    mlflow = _named(deployments, "visual-echoes-mlflow")["spec"]["template"]["spec"]
+    (container,) = mlflow["containers"]
+    assert container["command"] == ["mlflow", "server"]
+    assert any(a.startswith("--artifacts-destination=s3://") for a in container["args"])
+    store = {e["name"]: e for e in container["env"]}["MLFLOW_BACKEND_STORE_URI"]["value"]
+    assert re.fullmatch(
+        r"postgresql://mlflow:\$\(DB_PASSWORD\)@visual-echoes-mlflow-db:5432/mlflow", store
+    )
+    secret = _named(kuberay["Secret"], "visual-echoes-mlflow-db")
+    assert "password" in secret["stringData"]
 
 
 # -------------------------------------------------------------------------------------- profiles

@@ -8,6 +8,7 @@ import mlflow
 import pytest
 
 from pipeline import tracking
+from pipeline.media import ffmpeg_version
 
 
 def test_default_uri_is_sqlite_at_the_repo_root(tmp_path, monkeypatch):
@@ -56,6 +57,8 @@ def test_stage_run_logs_one_tagged_run(tmp_path, monkeypatch):
     assert got.data.tags["stage"] == "download"
     assert got.data.tags["dvc_exp"] == "exp-1"
     assert "git_commit" in got.data.tags
+    assert got.data.tags["ffmpeg"] == ffmpeg_version()
+    assert got.data.tags["ffmpeg"].startswith("ffmpeg version ")
     assert got.data.params == {"source": "synthetic"}
     assert got.data.metrics["clips_ok"] == 12
     assert got.data.metrics["seconds"] >= 0
@@ -73,3 +76,21 @@ def test_a_failing_stage_marks_its_run_failed(tmp_path, monkeypatch):
     runs = mlflow.search_runs(experiment_names=["unit"], output_format="list")
     assert [r.info.status for r in runs] == ["FAILED"]
     assert not (report / tracking.RUN_ID_FILE).exists()
+
+
+def test_stages_that_start_together_share_one_new_experiment(tmp_path, monkeypatch):
+    """Both find no experiment on a new store; the one whose create loses takes the other's."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking.tracking_uri(tmp_path)
+    made_by_the_other = MlflowClient(uri).create_experiment("together")
+    looks: list[str] = []
+    real = MlflowClient.get_experiment_by_name
+
+    def before_the_other_made_it(self, name):
+        looks.append(name)
+        return None if len(looks) == 1 else real(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", before_the_other_made_it)
+    assert tracking._experiment_id(MlflowClient(uri), "together") == made_by_the_other
+    assert looks == ["together", "together"]

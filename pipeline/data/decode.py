@@ -29,7 +29,6 @@ commands (`pipeline.inference.inputs`) alike.
 
 from __future__ import annotations
 
-import functools
 import io as _stdio
 import subprocess
 import tempfile
@@ -91,14 +90,6 @@ class ClipData:
     frames: list[bytes]
     mel: np.ndarray
     flags: list[str]
-
-
-@functools.cache
-def ffmpeg_version() -> str:
-    """First line of `ffmpeg -version`, e.g. 'ffmpeg version n9.0.2-...'."""
-    out = subprocess.run([ffmpeg_exe(), "-version"], capture_output=True, check=True, timeout=30)
-    line = out.stdout.decode("utf-8", "replace").splitlines()[0]
-    return line.split(" Copyright")[0].strip()
 
 
 def fps_fraction(num_frames: int, span_s: float) -> Fraction:

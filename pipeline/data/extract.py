@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline import io
+from pipeline import io, media
 from pipeline.config import ExtractConfig
 from pipeline.data import audio, decode
 from pipeline.data.decode import (
@@ -43,7 +43,6 @@ from pipeline.data.decode import (
     TRUNCATED_FRACTION,
     ClipError,
     extract_clip,
-    ffmpeg_version,
 )
 from pipeline.data.extracted import (
     FAILURE_SCHEMA,
@@ -190,7 +189,7 @@ def cache_key(cfg: ExtractConfig, clips_dir: Path, records: list[ClipRecord]) ->
     files = [
         [r.clip_id, r.label, r.split, r.path, *_file_stamp(clips_dir, r.path)] for r in records
     ]
-    blob = json.dumps([params, ffmpeg_version(), code, files], sort_keys=True).encode()
+    blob = json.dumps([params, media.ffmpeg_version(), code, files], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
@@ -350,7 +349,7 @@ def _meta(
             "rows": len(failures),
             "sha256": io.sha256_file(tmp / FAILURES_NAME),
         },
-        "ffmpeg": ffmpeg_version(),
+        "ffmpeg": media.ffmpeg_version(),
         "limits": {
             "min_seconds": MIN_SECONDS,
             "silence_peak": SILENCE_PEAK,
