@@ -710,12 +710,6 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
-def parse_section(cls: type, data: Any, key: str) -> Any:
-    """The frozen dataclass `cls` built from the mapping `data` with params.yaml's checks (every
-    key known and present, values coerced to the field types); errors name `key`.the.field."""
-    return _build(cls, data, key)
-
-
 def parse_params(data: Any) -> Params:
     """Validate a params mapping (as read from YAML) and return the frozen `Params`."""
     return _build(Params, data, "")
