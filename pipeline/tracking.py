@@ -11,6 +11,43 @@ one sentence (`TrackingError`). One that stops answering mid-run does not stop i
 own retries (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`) the stage warns once and writes every later call
 to `<report_dir>/mlflow_unsent.jsonl` (one JSON object per call) instead of dropping it, and
 `mlflow_run.json` says the run is incomplete.
+
+**The experiment** is created as a model-training experiment (MLflow's experiment-kind tag), so
+`mlflow ui` opens on its runs rather than on the GenAI trace pages.
+
+**One `dvc repro` is one pipeline run.** DVC runs each stage as its own process and gives a plain
+`repro` no id, so the stages cannot be told apart by anything DVC passes them; what they share is
+the `dvc` process that launched them (`lineage.invocation_id`: host, pid, start time, plus
+`DVC_EXP_NAME` inside `dvc exp run`). The first stage that one DVC command runs creates a parent
+run for it (tagged `dvc_invocation`, named after the experiment inside `dvc exp run` so that
+`dvc exp show` and MLflow name it alike, else "dvc repro <time>"); each stage run is its child,
+and every run of the group carries `pipeline_run` = the parent's id. The parent is RUNNING while
+a stage runs and ends with the last stage's status (DVC stops at the first failure). A parent
+rather than a shared tag alone: the runs view nests children under it with no set-up, and a
+group that would need a stage to decide whether it belongs to its upstream stages' repro (by
+time? by run id files, which DVC's run cache does not restore) cannot be wrong this way. Outside
+DVC a stage run has no parent.
+
+**Lineage.** A run records, for each input that dvc.yaml says another stage made (see
+`pipeline.lineage`), the input's content digest (`lineage.<stage>.sha256`) and the run that made
+that content (`lineage.<stage>.run_id`): the newest FINISHED run of that stage tagged with the
+same `output_sha256`, preferring one of its own pipeline run; each run tags its own output's
+digest when it finishes. Matching on content, not on `reports/<stage>/mlflow_run.json`, is what
+keeps lineage right when DVC restores a stage from its run cache: the stage does not run (no
+new run, no duplicate) and its outputs come back byte for byte, so the next stage links to the
+run that first made them, even though the run id file in reports/ is not a DVC output and still
+names whatever ran last. Such a reused run is also tagged on the parent (`reused.<stage>`).
+Data inputs (clips, extracted frames and mels, token ids) are logged as MLflow datasets: name =
+the `paths` key, digest = the content digest, source = the path relative to the repository,
+profile = rows per split and the data source; the runs view shows them in its Dataset column.
+Runs also carry the data `source` (synthetic, vggsound, local) of their inputs.
+
+**Moved checkouts.** A SQLite store keeps absolute artifact locations (MLflow resolves every
+local path), so a copied or moved checkout would log artifacts into the original's `mlruns/`.
+Before each run the experiment's locations are made to follow the store: one still under
+another checkout's (or a vanished folder's) `mlruns/` is rewritten, with its runs' and logged
+models', to the same place under this store's folder (MLflow has no call for this, so the
+SQLite tables are updated directly). Params hold paths relative to the checkout.
 """
 
 from __future__ import annotations
@@ -21,21 +58,34 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
-from pipeline import io
+from pipeline import io, lineage
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DB = "mlflow.db"
+ARTIFACTS_DIR = "mlruns"  # MLflow's artifact folder beside a local store
 RUN_ID_FILE = "mlflow_run.json"
 UNSENT_FILE = "mlflow_unsent.jsonl"
+# MLflow's experiment kind; its UI calls "custom_model_development" "Model training".
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+PIPELINE_RUN_TAG = "pipeline_run"
+INVOCATION_TAG = "dvc_invocation"
+OUTPUT_TAG = "output_sha256"
+LINEAGE_PREFIX = "lineage."
+# How a stage used its data inputs, shown beside each dataset in the UI.
+DATASET_CONTEXT = {"tokenizers": "training", "train": "training", "evaluator": "training",
+                   "sweep": "evaluation", "evaluate": "evaluation"}  # fmt: skip
 CHECK_TIMEOUT_S = 10.0  # a server that takes longer than this to answer at the start is down
 _USERINFO = re.compile(r"(://[^/@:\s]*):[^@\s]*@")  # "://user:password@" of a URI
 
@@ -194,9 +244,11 @@ class StageRun:
         return self._sender.lost
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        """`params` flattened (see `flatten`); a path inside the working directory (the
+        checkout the stage runs in) is logged relative to it."""
         from mlflow.entities import Param
 
-        flat = flatten(params)
+        flat = {k: _relative(v) for k, v in flatten(params).items()}
         batch = [Param(k, v) for k, v in flat.items()]
         self._sender.send(
             "params",
@@ -232,6 +284,20 @@ class StageRun:
                 {"path": str(folder), "artifact_path": artifact_path},
                 lambda: self._sender.client.log_artifacts(self.run_id, str(folder), artifact_path),
             )
+
+    def log_datasets(self, datasets: list[Any], context: str) -> None:
+        """MLflow `Dataset` entities as inputs of this run, tagged with how it used them."""
+        from mlflow.entities import DatasetInput, InputTag
+
+        if not datasets:
+            return
+        tag = [InputTag("mlflow.data.context", context)]
+        inputs = [DatasetInput(d, tags=tag) for d in datasets]
+        self._sender.send(
+            "datasets",
+            {"datasets": [d.to_dictionary() for d in datasets], "context": context},
+            lambda: self._sender.client.log_inputs(self.run_id, datasets=inputs),
+        )
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -274,15 +340,19 @@ def stage_run(
     params: Mapping[str, Any],
     report_dir: str | Path,
     repo_root: str | Path | None = None,
+    paths: Any | None = None,
 ) -> Iterator[StageRun]:
     """One MLflow run for one stage execution.
 
     Logs `params` (flattened), tags `stage` and `git_commit` (and `dvc_exp` inside `dvc exp run`),
     records the wall time as `seconds`, and writes the run id to `<report_dir>/mlflow_run.json`
-    beside the stage's DVC metrics. A failing stage ends its run as FAILED (KILLED when
-    interrupted). A server that does not answer at the start is a TrackingError before any work;
-    one that stops answering later is written around (see `StageRun`).
+    beside the stage's DVC metrics. Under DVC the run is a child of its command's pipeline run.
+    With `paths` (the params' `PathsConfig`), it records its lineage and data inputs and, when it
+    finishes, its output's digest (see the module doc). A failing stage ends its run as FAILED
+    (KILLED when interrupted). A server that does not answer at the start is a TrackingError
+    before any work; one that stops answering later is written around (see `StageRun`).
     """
+    from mlflow.entities import RunTag
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
     from mlflow.tracking.context.registry import resolve_tags
@@ -294,12 +364,23 @@ def stage_run(
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp"] = os.environ["DVC_EXP_NAME"]
     tags = resolve_tags(tags)  # + user, source: what mlflow.start_run adds
+    files = lineage.stage_files(stage) if paths is not None else lineage.StageFiles({}, None)
     client = MlflowClient(uri)
     try:
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = (
-            found.experiment_id if found is not None else client.create_experiment(experiment)
-        )
+        experiment_id = _experiment_id(client, experiment, uri)
+        parent = _join_pipeline_run(client, experiment_id, tags)
+        inputs = [_Input.resolve(client, experiment_id, key, producer, getattr(paths, key), parent)
+                  for key, producer in files.inputs.items()]  # fmt: skip
+        tags |= _lineage_tags(inputs)
+        if parent is not None:
+            tags |= {"mlflow.parentRunId": parent, PIPELINE_RUN_TAG: parent}
+            reused = {
+                f"reused.{i.stage}": i.run_id
+                for i in inputs
+                if i.run_id and i.pipeline_run != parent
+            }
+            if reused:
+                client.log_batch(parent, tags=[RunTag(k, v) for k, v in reused.items()])
         run_id = client.create_run(experiment_id, tags=tags, run_name=stage).info.run_id
     except MlflowException as err:
         if not _unreachable(err):
@@ -314,12 +395,18 @@ def stage_run(
     start = time.monotonic()
     try:
         handle.log_params(params)
+        datasets = [i.dataset() for i in inputs if i.key in lineage.DATASETS]
+        handle.log_datasets(datasets, DATASET_CONTEXT.get(stage, "input"))
         yield handle
         handle.log_metrics({"seconds": time.monotonic() - start})
+        if files.output is not None and (
+            digest := lineage.content_digest(getattr(paths, files.output))
+        ):
+            handle.set_tags({OUTPUT_TAG: digest})
     except BaseException as err:
-        handle._end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        _end(handle, parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
-    handle._end("FINISHED")
+    _end(handle, parent, "FINISHED")
     record = {"run_id": run_id, "experiment": experiment, "tracking_uri": redact(uri)}
     if handle.lost:
         record["unsent"] = UNSENT_FILE
@@ -331,10 +418,208 @@ def stage_run(
     log.info("MLflow run %s in experiment %r", run_id, experiment)
 
 
+def _end(handle: StageRun, parent: str | None, status: str) -> None:
+    """End the stage run, and its pipeline run with the same status (until the next stage)."""
+    handle._end(status)
+    if parent is not None:
+        sender = handle._sender
+        sender.send("pipeline_status", {"pipeline_run": parent, "status": status},
+                    lambda: sender.client.set_terminated(parent, status))  # fmt: skip
+
+
+def trial_tags(parent_run_id: str, uri: str, stage: str) -> dict[str, str]:
+    """Tags for child runs that another library creates (Ray Tune's MLflowLoggerCallback for the
+    sweep trials): the parent, `stage`, and the parent's git_commit, dvc_exp and pipeline_run."""
+    from mlflow.tracking import MlflowClient
+
+    parent = MlflowClient(uri).get_run(parent_run_id).data.tags
+    kept = {k: parent[k] for k in ("git_commit", "dvc_exp", PIPELINE_RUN_TAG) if k in parent}
+    return {"mlflow.parentRunId": parent_run_id, "stage": stage, **kept}
+
+
+@dataclass(frozen=True)
+class _Input:
+    """One input of a stage run: the `paths` key, the stage that makes it, its path, its content
+    digest, and the run that made that content (with its pipeline run and data source)."""
+
+    key: str
+    stage: str
+    path: str
+    sha256: str | None
+    run_id: str | None = None
+    pipeline_run: str | None = None
+    source: str | None = None
+
+    @classmethod
+    def resolve(
+        cls, client: Any, experiment_id: str, key: str, stage: str, path: str, pipeline: str | None
+    ) -> _Input:
+        sha = lineage.content_digest(path)
+        if sha is None:
+            return cls(key, stage, path, None)
+        found = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.stage = '{stage}' and tags.{OUTPUT_TAG} = '{sha}' "
+            "and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=50,
+        )
+        if not found:
+            return cls(key, stage, path, sha)
+        run = next((r for r in found if r.data.tags.get(PIPELINE_RUN_TAG) == pipeline), found[0])
+        t = run.data.tags
+        return cls(key, stage, path, sha, run.info.run_id, t.get(PIPELINE_RUN_TAG), t.get("source"))
+
+    def dataset(self) -> Any:
+        """This input as an MLflow dataset (see the module doc)."""
+        from mlflow.entities import Dataset
+
+        profile = {"splits": lineage.split_sizes(self.path), "source": self.source}
+        return Dataset(
+            name=self.key,
+            digest=(self.sha256 or "")[:12],
+            source_type="local",
+            source=json.dumps({"uri": Path(self.path).as_posix()}),
+            profile=json.dumps(profile),
+        )
+
+
+def _lineage_tags(inputs: list[_Input]) -> dict[str, str]:
+    """`lineage.<stage>.sha256` / `.run_id` of each input, and the data `source` they carry."""
+    tags: dict[str, str] = {}
+    for i in inputs:
+        if i.sha256:
+            tags[f"{LINEAGE_PREFIX}{i.stage}.sha256"] = i.sha256
+        if i.run_id:
+            tags[f"{LINEAGE_PREFIX}{i.stage}.run_id"] = i.run_id
+    source = next((i.source for i in inputs if i.source), None)
+    if source:
+        tags["source"] = source
+    return tags
+
+
+def _experiment_id(client: Any, name: str, uri: str) -> str:
+    """The id of experiment `name`, created as a model-training experiment when missing (the kind
+    added to one that has none); its artifact locations made to follow the store."""
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        created = client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        found = client.get_experiment(created)
+    elif EXPERIMENT_KIND_TAG not in found.tags:
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    follow_store(uri, found.experiment_id)
+    return found.experiment_id
+
+
+def _join_pipeline_run(client: Any, experiment_id: str, tags: Mapping[str, str]) -> str | None:
+    """The id of the pipeline run of the DVC command that started this stage, created by its
+    first stage and set RUNNING again by each later one; None outside DVC."""
+    invocation = lineage.invocation_id()
+    if invocation is None:
+        return None
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.{INVOCATION_TAG} = '{invocation}'", max_results=1
+    )
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    name = exp_name or f"dvc repro {datetime.datetime.now():%Y-%m-%d %H:%M:%S}"
+    kept = {k: tags[k] for k in ("git_commit", "dvc_exp", "mlflow.user") if k in tags}
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        kept["dvc_exp_baseline"] = os.environ["DVC_EXP_BASELINE_REV"]
+    run_id = client.create_run(
+        experiment_id, tags={INVOCATION_TAG: invocation, **kept}, run_name=name
+    ).info.run_id
+    client.set_tag(run_id, PIPELINE_RUN_TAG, run_id)
+    return run_id
+
+
+def follow_store(uri: str, experiment_id: str) -> bool:
+    """For a SQLite store: make the experiment's artifact locations follow the store (see the
+    module doc); True when they were rewritten.
+
+    A location is rewritten only when it has MLflow's layout `<folder>/mlruns/<id>` and
+    `<folder>` is not this store's, and `<folder>` is gone, holds another `mlflow.db`, or the
+    experiment has no runs yet (created by a process working elsewhere, as in `dvc exp run
+    --temp`); a location the user chose elsewhere is left alone.
+    """
+    db = _sqlite_file(uri)
+    if db is None or not db.is_file():
+        return False
+    want = db.resolve().parent / ARTIFACTS_DIR / str(experiment_id)
+    with contextlib.closing(sqlite3.connect(db, timeout=60)) as con, con:
+        row = con.execute(
+            "SELECT artifact_location FROM experiments WHERE experiment_id = ?", (experiment_id,)
+        ).fetchone()
+        recorded = row[0] if row else None
+        old = _local_path(recorded)
+        if old is None or old == want or old.parent.name != ARTIFACTS_DIR:
+            return False
+        if old.name != str(experiment_id):
+            return False
+        other = old.parent.parent
+        elsewhere = not other.exists() or (
+            (other / DEFAULT_DB).is_file() and not (other / DEFAULT_DB).samefile(db)
+        )
+        empty = (
+            con.execute(
+                "SELECT COUNT(*) FROM runs WHERE experiment_id = ?", (experiment_id,)
+            ).fetchone()[0]
+            == 0
+        )
+        if not (elsewhere or empty):
+            return False
+        new = want.as_posix()
+        con.execute(
+            "UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+            (new, experiment_id),
+        )
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        for table, column in (("runs", "artifact_uri"), ("logged_models", "artifact_location")):
+            if table in tables:
+                con.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                    f"WHERE experiment_id = ? AND substr({column}, 1, ?) = ?",
+                    (new, len(recorded) + 1, experiment_id, len(recorded), recorded),
+                )
+    log.info("MLflow artifacts of experiment %s: %s -> %s (the checkout moved)", experiment_id,
+             recorded, new)  # fmt: skip
+    return True
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI, None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(unquote(uri[len("sqlite:///") :].split("?", 1)[0]))
+
+
+def _local_path(location: str | None) -> Path | None:
+    """A local artifact location (a path or file: URI) as an absolute path, else None."""
+    if not location:
+        return None
+    parts = urlsplit(location)
+    if parts.scheme not in ("", "file"):
+        return None
+    path = Path(unquote(parts.path) if parts.scheme else location)
+    return path if path.is_absolute() else None
+
+
+def _relative(text: str) -> str:
+    """`text` relative to the working directory when it is an absolute path inside it."""
+    if not os.path.isabs(text):
+        return text
+    try:
+        return Path(text).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except (ValueError, OSError):
+        return text
+
+
 def search_runs(experiment: str, uri: str) -> list[dict[str, Any]] | None:
-    """Every run of `experiment` at `uri`, newest first, as flat dicts (`run_id`, `start_time`,
-    `params.*`, `metrics.*`, `tags.*`); None when there is no such experiment. Does not change
-    the process's tracking URI."""
+    """Every run of `experiment` at `uri`, newest first, as flat dicts (`run_id`, `status`,
+    `start_time`, `params.*`, `metrics.*`, `tags.*`); None when there is no such experiment.
+    Does not change the process's tracking URI."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -349,6 +634,7 @@ def search_runs(experiment: str, uri: str) -> list[dict[str, Any]] | None:
         for run in page:
             row: dict[str, Any] = {
                 "run_id": run.info.run_id,
+                "status": run.info.status,
                 "start_time": datetime.datetime.fromtimestamp(run.info.start_time / 1000),
             }
             row |= {f"params.{k}": v for k, v in run.data.params.items()}
