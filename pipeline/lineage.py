@@ -11,10 +11,11 @@ No MLflow here: `pipeline.tracking` turns these facts into tags, datasets and a 
   manifest. Each sidecar lists the hashes or counts of the shards beside it, so the digest
   changes when the data does, and costs a few small reads whatever the data's size.
 * **One `dvc repro`.** DVC starts each stage as its own shell command and gives a plain `repro`
-  no id (`dvc exp run` adds `DVC_EXP_NAME`); it sets `DVC_STAGE` for every stage command. The
-  process that launched the stage is that `dvc` process (skipping the shell DVC runs the command
-  in), one per `dvc repro` / `dvc exp run` / queued experiment, so its host, pid and start time
-  identify the invocation (`invocation_id`).
+  no id (`dvc exp run` adds `DVC_EXP_NAME`); it sets `DVC_STAGE` for every stage command
+  (docs/references.md, "DVC and MLflow behaviour"). The process that launched the stage is that
+  `dvc` process (skipping the shell DVC runs the command in), one per `dvc repro` / `dvc exp
+  run` / queued experiment, so its host, pid and start time identify the invocation
+  (`invocation_id`).
 """
 
 from __future__ import annotations

@@ -13,41 +13,39 @@ to `<report_dir>/mlflow_unsent.jsonl` (one JSON object per call) instead of drop
 `mlflow_run.json` says the run is incomplete.
 
 **The experiment** is created as a model-training experiment (MLflow's experiment-kind tag), so
-`mlflow ui` opens on its runs rather than on the GenAI trace pages.
+`mlflow ui` opens on its runs rather than on the GenAI trace pages (docs/references.md, "DVC and
+MLflow behaviour", for this and the other MLflow and DVC facts below).
 
 **One `dvc repro` is one pipeline run.** DVC runs each stage as its own process and gives a plain
-`repro` no id, so the stages cannot be told apart by anything DVC passes them; what they share is
-the `dvc` process that launched them (`lineage.invocation_id`: host, pid, start time, plus
-`DVC_EXP_NAME` inside `dvc exp run`). The first stage that one DVC command runs creates a parent
-run for it (tagged `dvc_invocation`, named after the experiment inside `dvc exp run` so that
-`dvc exp show` and MLflow name it alike, else "dvc repro <time>"); each stage run is its child,
-and every run of the group carries `pipeline_run` = the parent's id. The parent is RUNNING while
-a stage runs and ends with the last stage's status (DVC stops at the first failure). A parent
-rather than a shared tag alone: the runs view nests children under it with no set-up, and a
-group that would need a stage to decide whether it belongs to its upstream stages' repro (by
-time? by run id files, which DVC's run cache does not restore) cannot be wrong this way. Outside
-DVC a stage run has no parent.
+`repro` no id. What the stages of one command share is the `dvc` process that launched them
+(`lineage.invocation_id`: host, pid and start time, plus `DVC_EXP_NAME` in `dvc exp run`), so
+that is the key: the first stage a DVC command runs creates a parent run for it (tag
+`dvc_invocation`; named after the experiment in `dvc exp run`, so that MLflow and `dvc exp show`
+name it alike, else "dvc repro <time>"), every stage run of that command is its child, and all
+of them carry `pipeline_run` = the parent's id. The parent is RUNNING while one of its stages
+runs and ends with the last one's status (DVC stops at the first failure). The alternatives need
+a stage to guess whether its upstream runs belong to its own repro: by time, or by their
+`reports/<stage>/mlflow_run.json`, which DVC's run cache does not restore and so may name a run
+of another repro. A parent run also needs no set-up in the UI: the runs table nests the stages
+under it. Outside DVC a stage run has no parent.
 
-**Lineage.** A run records, for each input that dvc.yaml says another stage made (see
-`pipeline.lineage`), the input's content digest (`lineage.<stage>.sha256`) and the run that made
-that content (`lineage.<stage>.run_id`): the newest FINISHED run of that stage tagged with the
-same `output_sha256`, preferring one of its own pipeline run; each run tags its own output's
-digest when it finishes. Matching on content, not on `reports/<stage>/mlflow_run.json`, is what
-keeps lineage right when DVC restores a stage from its run cache: the stage does not run (no
-new run, no duplicate) and its outputs come back byte for byte, so the next stage links to the
-run that first made them, even though the run id file in reports/ is not a DVC output and still
-names whatever ran last. Such a reused run is also tagged on the parent (`reused.<stage>`).
-Data inputs (clips, extracted frames and mels, token ids) are logged as MLflow datasets: name =
-the `paths` key, digest = the content digest, source = the path relative to the repository,
-profile = rows per split and the data source; the runs view shows them in its Dataset column.
-Runs also carry the data `source` (synthetic, vggsound, local) of their inputs.
+**Lineage.** A run records, for each input that dvc.yaml says another stage makes
+(`pipeline.lineage`), the input's content digest (`lineage.<stage>.sha256`) and the run that
+made that content (`lineage.<stage>.run_id`): the newest FINISHED run of that stage whose
+`output_sha256` tag (set by each run on its output when it finishes) matches, one of the same
+pipeline run first. Matching on content is what keeps lineage right when DVC restores a stage
+from its run cache: the stage does not run (no run is made, none duplicated), its outputs come
+back byte for byte, and the next stage links to the run that first made them. An input made by
+an earlier pipeline run is also named on the parent (`reused.<stage>`). Data inputs (clips,
+extracted frames and mels, token ids) are logged as MLflow datasets, shown in the runs table's
+Dataset column: name = the `paths` key, digest = the content digest, source = the path in the
+repository, profile = rows per split and the data source (synthetic, vggsound, local), which each
+run also tags as `source`, taken from its inputs' runs.
 
-**Moved checkouts.** A SQLite store keeps absolute artifact locations (MLflow resolves every
-local path), so a copied or moved checkout would log artifacts into the original's `mlruns/`.
-Before each run the experiment's locations are made to follow the store: one still under
-another checkout's (or a vanished folder's) `mlruns/` is rewritten, with its runs' and logged
-models', to the same place under this store's folder (MLflow has no call for this, so the
-SQLite tables are updated directly). Params hold paths relative to the checkout.
+**Moved checkouts.** A SQLite store records absolute artifact locations, so a copied or moved
+checkout would log artifacts into the original's `mlruns/`. Before each run the experiment's
+locations are made to follow the store (`follow_store`); MLflow has no call for that, so the
+SQLite tables are updated directly. Params hold paths relative to the checkout.
 """
 
 from __future__ import annotations
@@ -352,7 +350,6 @@ def stage_run(
     (KILLED when interrupted). A server that does not answer at the start is a TrackingError
     before any work; one that stops answering later is written around (see `StageRun`).
     """
-    from mlflow.entities import RunTag
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
     from mlflow.tracking.context.registry import resolve_tags
@@ -371,17 +368,7 @@ def stage_run(
         parent = _join_pipeline_run(client, experiment_id, tags)
         inputs = [_Input.resolve(client, experiment_id, key, producer, getattr(paths, key), parent)
                   for key, producer in files.inputs.items()]  # fmt: skip
-        tags |= _lineage_tags(inputs)
-        if parent is not None:
-            tags |= {"mlflow.parentRunId": parent, PIPELINE_RUN_TAG: parent}
-            reused = {
-                f"reused.{i.stage}": i.run_id
-                for i in inputs
-                if i.run_id and i.pipeline_run != parent
-            }
-            if reused:
-                client.log_batch(parent, tags=[RunTag(k, v) for k, v in reused.items()])
-        run_id = client.create_run(experiment_id, tags=tags, run_name=stage).info.run_id
+        run_id = _create_run(client, experiment_id, stage, tags, parent, inputs)
     except MlflowException as err:
         if not _unreachable(err):
             raise
@@ -416,6 +403,28 @@ def stage_run(
         )  # fmt: skip
     io.write_json(Path(report_dir) / RUN_ID_FILE, record)
     log.info("MLflow run %s in experiment %r", run_id, experiment)
+
+
+def _create_run(
+    client: Any,
+    experiment_id: str,
+    stage: str,
+    tags: dict[str, str],
+    parent: str | None,
+    inputs: list[_Input],
+) -> str:
+    """The stage's run, with its lineage tags, as a child of `parent` when there is one; the
+    inputs that an earlier pipeline run made are named on the parent (`reused.<stage>`)."""
+    from mlflow.entities import RunTag
+
+    tags = tags | _lineage_tags(inputs)
+    if parent is not None:
+        tags |= {"mlflow.parentRunId": parent, PIPELINE_RUN_TAG: parent}
+        reused = [RunTag(f"reused.{i.stage}", i.run_id) for i in inputs
+                  if i.run_id and i.pipeline_run != parent]  # fmt: skip
+        if reused:
+            client.log_batch(parent, tags=reused)
+    return client.create_run(experiment_id, tags=tags, run_name=stage).info.run_id
 
 
 def _end(handle: StageRun, parent: str | None, status: str) -> None:
