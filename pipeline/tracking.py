@@ -12,9 +12,11 @@ own retries (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`) the stage warns once and writes 
 to `<report_dir>/mlflow_unsent.jsonl` (one JSON object per call) instead of dropping it, and
 `mlflow_run.json` says the run is incomplete.
 
-**The experiment** is created as a model-training experiment (MLflow's experiment-kind tag), so
-`mlflow ui` opens on its runs rather than on the GenAI trace pages (docs/references.md, "DVC and
-MLflow behaviour", for this and the other MLflow and DVC facts below).
+**The experiment** is created as a model-training experiment (MLflow's experiment-kind tag, by
+which MLflow's UI picks the runs table over the GenAI trace pages). The 3.17 UI installed here
+picks by a GenAI / Model training switch kept in the browser instead (GenAI at first), so each
+stage also logs its run's page with the switch set in the URL (`run_url`). docs/references.md
+("DVC and MLflow behaviour") has this and the other MLflow and DVC facts below.
 
 **One `dvc repro` is one pipeline run.** DVC runs each stage as its own process and gives a plain
 `repro` no id. What the stages of one command share is the `dvc` process that launched them
@@ -84,6 +86,7 @@ LINEAGE_PREFIX = "lineage."
 # How a stage used its data inputs, shown beside each dataset in the UI.
 DATASET_CONTEXT = {"tokenizers": "training", "train": "training", "evaluator": "training",
                    "sweep": "evaluation", "evaluate": "evaluation"}  # fmt: skip
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 CHECK_TIMEOUT_S = 10.0  # a server that takes longer than this to answer at the start is down
 _USERINFO = re.compile(r"(://[^/@:\s]*):[^@\s]*@")  # "://user:password@" of a URI
 
@@ -402,7 +405,16 @@ def stage_run(
             run_id, unsent,
         )  # fmt: skip
     io.write_json(Path(report_dir) / RUN_ID_FILE, record)
-    log.info("MLflow run %s in experiment %r", run_id, experiment)
+    log.info("MLflow run %s in experiment %r: %s", run_id, experiment,
+             run_url(uri, experiment_id, run_id))  # fmt: skip
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI (the server at `uri`, else `mlflow ui`'s default address),
+    in the UI's model-training view: MLflow 3.17 opens the GenAI view unless the URL or the
+    user's last choice in the browser says otherwise (docs/references.md)."""
+    base = redact(uri).rstrip("/") if urlsplit(uri).scheme in ("http", "https") else UI_ADDRESS
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def _create_run(

@@ -313,3 +313,12 @@ def test_trial_tags_carry_the_parent_commit_and_pipeline_run(tmp_path, monkeypat
     assert tags == {"mlflow.parentRunId": run.run_id, "stage": "sweep-trial",
                     "git_commit": parent["git_commit"],
                     "pipeline_run": parent["pipeline_run"]}  # fmt: skip
+
+
+def test_run_url_opens_the_model_training_view():
+    assert tracking.run_url("sqlite:////x/mlflow.db", "1", "abc") == (
+        "http://127.0.0.1:5000/#/experiments/1/runs/abc?workflowType=machine_learning"
+    )
+    assert tracking.run_url("https://me:pw@127.0.0.1:8443/", "7", "r") == (
+        "https://me@127.0.0.1:8443/#/experiments/7/runs/r?workflowType=machine_learning"
+    )
