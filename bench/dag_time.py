@@ -2,8 +2,9 @@
 
     python bench/dag_time.py [--repo .] [--experiment NAME] [--target-min 15]
 
-For every stage of dvc.yaml, in DAG order, the latest MLflow run tagged with that stage: its
-`seconds` metric (the stage's own work, as the stage measured it; the run's open time when it
+For every stage of dvc.yaml, in DAG order, its MLflow run in the newest pipeline run (the runs
+one `dvc repro` made, pipeline/tracking.py; in a store from before pipeline runs, the latest run
+tagged with that stage): its `seconds` metric (the stage's own work, as the stage measured it; the run's open time when it
 has none) and the gap since the stage before it closed its run (DVC, the process's start and
 its imports). The span from the first stage's start to the last stage's end is
 the DAG's time but for DVC's own start-up and each stage process's imports before its run opens;
@@ -26,28 +27,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import machine  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
-from pipeline.tracking import tracking_uri  # noqa: E402
+from pipeline.tracking import INVOCATION_TAG, PIPELINE_RUN_TAG, tracking_uri  # noqa: E402
 
 
-def latest_runs(uri: str, experiment: str, stages: list[str]) -> dict[str, object]:
-    """stage -> the newest MLflow run tagged `stage=<stage>` (stages with no run left out)."""
+def latest_runs(uri: str, experiment: str, stages: list[str]) -> tuple[dict[str, object], str]:
+    """(stage -> its run in the newest pipeline run, or the newest run tagged `stage=<stage>` in
+    a store without pipeline runs; stages with no run left out), and which of the two it is."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        return {}
+        return {}, "this store"
+    newest = dict(order_by=["attributes.start_time DESC"], max_results=1)
+    group = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.{INVOCATION_TAG} LIKE '%'", **newest
+    )
+    scope = f" and tags.{PIPELINE_RUN_TAG} = '{group[0].info.run_id}'" if group else ""
     runs = {}
     for stage in stages:
         found = client.search_runs(
-            [exp.experiment_id],
-            filter_string=f"tags.stage = '{stage}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
+            [exp.experiment_id], filter_string=f"tags.stage = '{stage}'{scope}", **newest
         )
         if found:
             runs[stage] = found[0]
-    return runs
+    where = f"pipeline run {group[0].info.run_name!r}" if group else "this store"
+    return runs, where
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,16 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     stages = list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
     experiment = args.experiment or load_params(repo / "params.yaml").base.experiment
     uri = tracking_uri(repo)
-    runs = latest_runs(uri, experiment, stages)
+    runs, where = latest_runs(uri, experiment, stages)
     print(f"machine: {machine()}")
-    print(f"store: {uri}, experiment {experiment!r}")
+    print(f"store: {uri}, experiment {experiment!r}, {where}")
     print(f"{'stage':<11} {'started':<19} {'seconds':>8} {'gap':>5}")
     order_broken, starts, ends = [], [], []
     previous_end = None
     for stage in stages:
         run = runs.get(stage)
         if run is None:
-            print(f"{stage:<11} no run in this store")
+            print(f"{stage:<11} no run in {where}")
             continue
         info = run.info
         started = datetime.fromtimestamp(info.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S")

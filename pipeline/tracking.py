@@ -11,6 +11,43 @@ one sentence (`TrackingError`). One that stops answering mid-run does not stop i
 own retries (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`) the stage warns once and writes every later call
 to `<report_dir>/mlflow_unsent.jsonl` (one JSON object per call) instead of dropping it, and
 `mlflow_run.json` says the run is incomplete.
+
+**The experiment** is created as a model-training experiment (MLflow's experiment-kind tag, by
+which MLflow's UI picks the runs table over the GenAI trace pages). The 3.17 UI installed here
+picks by a GenAI / Model training switch kept in the browser instead (GenAI at first), so each
+stage also logs its run's page with the switch set in the URL (`run_url`). docs/references.md
+("DVC and MLflow behaviour") has this and the other MLflow and DVC facts below.
+
+**One `dvc repro` is one pipeline run.** DVC runs each stage as its own process and gives a plain
+`repro` no id. What the stages of one command share is the `dvc` process that launched them
+(`lineage.invocation_id`: host, pid and start time, plus `DVC_EXP_NAME` in `dvc exp run`), so
+that is the key: the first stage a DVC command runs creates a parent run for it (tag
+`dvc_invocation`; named after the experiment in `dvc exp run`, so that MLflow and `dvc exp show`
+name it alike, else "dvc repro <time>"), every stage run of that command is its child, and all
+of them carry `pipeline_run` = the parent's id. The parent is RUNNING while one of its stages
+runs and ends with the last one's status (DVC stops at the first failure). The alternatives need
+a stage to guess whether its upstream runs belong to its own repro: by time, or by their
+`reports/<stage>/mlflow_run.json`, which DVC's run cache does not restore and so may name a run
+of another repro. A parent run also needs no set-up in the UI: the runs table nests the stages
+under it. Outside DVC a stage run has no parent.
+
+**Lineage.** A run records, for each input that dvc.yaml says another stage makes
+(`pipeline.lineage`), the input's content digest (`lineage.<stage>.sha256`) and the run that
+made that content (`lineage.<stage>.run_id`): the newest FINISHED run of that stage whose
+`output_sha256` tag (set by each run on its output when it finishes) matches, one of the same
+pipeline run first. Matching on content is what keeps lineage right when DVC restores a stage
+from its run cache: the stage does not run (no run is made, none duplicated), its outputs come
+back byte for byte, and the next stage links to the run that first made them. An input made by
+an earlier pipeline run is also named on the parent (`reused.<stage>`). Data inputs (clips,
+extracted frames and mels, token ids) are logged as MLflow datasets, shown in the runs table's
+Dataset column: name = the `paths` key, digest = the content digest, source = the path in the
+repository, profile = rows per split and the data source (synthetic, vggsound, local), which each
+run also tags as `source`, taken from its inputs' runs.
+
+**Moved checkouts.** A SQLite store records absolute artifact locations, so a copied or moved
+checkout would log artifacts into the original's `mlruns/`. Before each run the experiment's
+locations are made to follow the store (`follow_store`); MLflow has no call for that, so the
+SQLite tables are updated directly. Params hold paths relative to the checkout.
 """
 
 from __future__ import annotations
@@ -21,22 +58,36 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
-from pipeline import io
+from pipeline import io, lineage
 from pipeline.errors import PipelineError
 from pipeline.media import ffmpeg_version
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DB = "mlflow.db"
+ARTIFACTS_DIR = "mlruns"  # MLflow's artifact folder beside a local store
 RUN_ID_FILE = "mlflow_run.json"
 UNSENT_FILE = "mlflow_unsent.jsonl"
+# MLflow's experiment kind; its UI calls "custom_model_development" "Model training".
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+PIPELINE_RUN_TAG = "pipeline_run"
+INVOCATION_TAG = "dvc_invocation"
+OUTPUT_TAG = "output_sha256"
+LINEAGE_PREFIX = "lineage."
+# How a stage used its data inputs, shown beside each dataset in the UI.
+DATASET_CONTEXT = {"tokenizers": "training", "train": "training", "evaluator": "training",
+                   "sweep": "evaluation", "evaluate": "evaluation"}  # fmt: skip
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 CHECK_TIMEOUT_S = 10.0  # a server that takes longer than this to answer at the start is down
 _USERINFO = re.compile(r"(://[^/@:\s]*):[^@\s]*@")  # "://user:password@" of a URI
 
@@ -195,9 +246,11 @@ class StageRun:
         return self._sender.lost
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        """`params` flattened (see `flatten`); a path inside the working directory (the
+        checkout the stage runs in) is logged relative to it."""
         from mlflow.entities import Param
 
-        flat = flatten(params)
+        flat = {k: _relative(v) for k, v in flatten(params).items()}
         batch = [Param(k, v) for k, v in flat.items()]
         self._sender.send(
             "params",
@@ -233,6 +286,20 @@ class StageRun:
                 {"path": str(folder), "artifact_path": artifact_path},
                 lambda: self._sender.client.log_artifacts(self.run_id, str(folder), artifact_path),
             )
+
+    def log_datasets(self, datasets: list[Any], context: str) -> None:
+        """MLflow `Dataset` entities as inputs of this run, tagged with how it used them."""
+        from mlflow.entities import DatasetInput, InputTag
+
+        if not datasets:
+            return
+        tag = [InputTag("mlflow.data.context", context)]
+        inputs = [DatasetInput(d, tags=tag) for d in datasets]
+        self._sender.send(
+            "datasets",
+            {"datasets": [d.to_dictionary() for d in datasets], "context": context},
+            lambda: self._sender.client.log_inputs(self.run_id, datasets=inputs),
+        )
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -275,15 +342,18 @@ def stage_run(
     params: Mapping[str, Any],
     report_dir: str | Path,
     repo_root: str | Path | None = None,
+    paths: Any | None = None,
 ) -> Iterator[StageRun]:
     """One MLflow run for one stage execution.
 
     Logs `params` (flattened), tags `stage`, `git_commit`, `ffmpeg` (the version line of the
-    ffmpeg the stages run) and `dvc_exp` inside `dvc exp run`, records the wall time as
-    `seconds`, and writes the run id to `<report_dir>/mlflow_run.json` beside the stage's DVC
-    metrics. A failing stage ends its run as FAILED (KILLED when
-    interrupted). A server that does not answer at the start is a TrackingError before any work;
-    one that stops answering later is written around (see `StageRun`).
+    ffmpeg the stages run) and `dvc_exp` inside `dvc exp run`,
+    records the wall time as `seconds`, and writes the run id to `<report_dir>/mlflow_run.json`
+    beside the stage's DVC metrics. Under DVC the run is a child of its command's pipeline run.
+    With `paths` (the params' `PathsConfig`), it records its lineage and data inputs and, when it
+    finishes, its output's digest (see the module doc). A failing stage ends its run as FAILED
+    (KILLED when interrupted). A server that does not answer at the start is a TrackingError
+    before any work; one that stops answering later is written around (see `StageRun`).
     """
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -297,10 +367,14 @@ def stage_run(
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp"] = os.environ["DVC_EXP_NAME"]
     tags = resolve_tags(tags)  # + user, source: what mlflow.start_run adds
+    files = lineage.stage_files(stage) if paths is not None else lineage.StageFiles({}, None)
     client = MlflowClient(uri)
     try:
-        experiment_id = _experiment_id(client, experiment)
-        run_id = client.create_run(experiment_id, tags=tags, run_name=stage).info.run_id
+        experiment_id = _experiment_id(client, experiment, uri)
+        parent = _join_pipeline_run(client, experiment_id, tags)
+        inputs = [_Input.resolve(client, experiment_id, key, producer, getattr(paths, key), parent)
+                  for key, producer in files.inputs.items()]  # fmt: skip
+        run_id = _create_run(client, experiment_id, stage, tags, parent, inputs)
     except MlflowException as err:
         if not _unreachable(err):
             raise
@@ -314,12 +388,18 @@ def stage_run(
     start = time.monotonic()
     try:
         handle.log_params(params)
+        datasets = [i.dataset() for i in inputs if i.key in lineage.DATASETS]
+        handle.log_datasets(datasets, DATASET_CONTEXT.get(stage, "input"))
         yield handle
         handle.log_metrics({"seconds": time.monotonic() - start})
+        if files.output is not None and (
+            digest := lineage.content_digest(getattr(paths, files.output))
+        ):
+            handle.set_tags({OUTPUT_TAG: digest})
     except BaseException as err:
-        handle._end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        _end(handle, parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
-    handle._end("FINISHED")
+    _end(handle, parent, "FINISHED")
     record = {"run_id": run_id, "experiment": experiment, "tracking_uri": redact(uri)}
     if handle.lost:
         record["unsent"] = UNSENT_FILE
@@ -328,30 +408,251 @@ def stage_run(
             run_id, unsent,
         )  # fmt: skip
     io.write_json(Path(report_dir) / RUN_ID_FILE, record)
-    log.info("MLflow run %s in experiment %r", run_id, experiment)
+    log.info("MLflow run %s in experiment %r: %s", run_id, experiment,
+             run_url(uri, experiment_id, run_id))  # fmt: skip
 
 
-def _experiment_id(client: Any, name: str) -> str:
-    """The id of experiment `name`, created when missing. Stages that start together on a new
-    server (Tune trials, parallel `dvc exp` runs) may both find it missing: the one whose create
-    loses reads the other's."""
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI (the server at `uri`, else `mlflow ui`'s default address),
+    in the UI's model-training view: MLflow 3.17 opens the GenAI view unless the URL or the
+    user's last choice in the browser says otherwise (docs/references.md)."""
+    base = redact(uri).rstrip("/") if urlsplit(uri).scheme in ("http", "https") else UI_ADDRESS
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def _create_run(
+    client: Any,
+    experiment_id: str,
+    stage: str,
+    tags: dict[str, str],
+    parent: str | None,
+    inputs: list[_Input],
+) -> str:
+    """The stage's run, with its lineage tags, as a child of `parent` when there is one; the
+    inputs that an earlier pipeline run made are named on the parent (`reused.<stage>`)."""
+    from mlflow.entities import RunTag
+
+    tags = tags | _lineage_tags(inputs)
+    if parent is not None:
+        tags |= {"mlflow.parentRunId": parent, PIPELINE_RUN_TAG: parent}
+        reused = [RunTag(f"reused.{i.stage}", i.run_id) for i in inputs
+                  if i.run_id and i.pipeline_run != parent]  # fmt: skip
+        if reused:
+            client.log_batch(parent, tags=reused)
+    return client.create_run(experiment_id, tags=tags, run_name=stage).info.run_id
+
+
+def _end(handle: StageRun, parent: str | None, status: str) -> None:
+    """End the stage run, and its pipeline run with the same status (until the next stage)."""
+    handle._end(status)
+    if parent is not None:
+        sender = handle._sender
+        sender.send("pipeline_status", {"pipeline_run": parent, "status": status},
+                    lambda: sender.client.set_terminated(parent, status))  # fmt: skip
+
+
+def trial_tags(parent_run_id: str, uri: str, stage: str) -> dict[str, str]:
+    """Tags for child runs that another library creates (Ray Tune's MLflowLoggerCallback for the
+    sweep trials): the parent, `stage`, and the parent's git_commit, dvc_exp and pipeline_run."""
+    from mlflow.tracking import MlflowClient
+
+    parent = MlflowClient(uri).get_run(parent_run_id).data.tags
+    kept = {k: parent[k] for k in ("git_commit", "dvc_exp", PIPELINE_RUN_TAG) if k in parent}
+    return {"mlflow.parentRunId": parent_run_id, "stage": stage, **kept}
+
+
+@dataclass(frozen=True)
+class _Input:
+    """One input of a stage run: the `paths` key, the stage that makes it, its path, its content
+    digest, and the run that made that content (with its pipeline run and data source)."""
+
+    key: str
+    stage: str
+    path: str
+    sha256: str | None
+    run_id: str | None = None
+    pipeline_run: str | None = None
+    source: str | None = None
+
+    @classmethod
+    def resolve(
+        cls, client: Any, experiment_id: str, key: str, stage: str, path: str, pipeline: str | None
+    ) -> _Input:
+        sha = lineage.content_digest(path)
+        if sha is None:
+            return cls(key, stage, path, None)
+        found = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.stage = '{stage}' and tags.{OUTPUT_TAG} = '{sha}' "
+            "and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=50,
+        )
+        if not found:
+            return cls(key, stage, path, sha)
+        run = next((r for r in found if r.data.tags.get(PIPELINE_RUN_TAG) == pipeline), found[0])
+        t = run.data.tags
+        return cls(key, stage, path, sha, run.info.run_id, t.get(PIPELINE_RUN_TAG), t.get("source"))
+
+    def dataset(self) -> Any:
+        """This input as an MLflow dataset (see the module doc)."""
+        from mlflow.entities import Dataset
+
+        profile = {"splits": lineage.split_sizes(self.path), "source": self.source}
+        return Dataset(
+            name=self.key,
+            digest=(self.sha256 or "")[:12],
+            source_type="local",
+            source=json.dumps({"uri": Path(self.path).as_posix()}),
+            profile=json.dumps(profile),
+        )
+
+
+def _lineage_tags(inputs: list[_Input]) -> dict[str, str]:
+    """`lineage.<stage>.sha256` / `.run_id` of each input, and the data `source` they carry."""
+    tags: dict[str, str] = {}
+    for i in inputs:
+        if i.sha256:
+            tags[f"{LINEAGE_PREFIX}{i.stage}.sha256"] = i.sha256
+        if i.run_id:
+            tags[f"{LINEAGE_PREFIX}{i.stage}.run_id"] = i.run_id
+    source = next((i.source for i in inputs if i.source), None)
+    if source:
+        tags["source"] = source
+    return tags
+
+
+def _experiment_id(client: Any, name: str, uri: str) -> str:
+    """The id of experiment `name`, created as a model-training experiment when missing (the kind
+    added to one that has none); its artifact locations made to follow the store. Stages that
+    start together on a new server (Tune trials, parallel `dvc exp` runs) may both find it
+    missing: the one whose create loses reads the other's."""
     from mlflow.exceptions import MlflowException
 
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
+    if found is None:
+        try:
+            created = client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+            found = client.get_experiment(created)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            found = client.get_experiment_by_name(name)
+    if EXPERIMENT_KIND_TAG not in found.tags:
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    follow_store(uri, found.experiment_id)
+    return found.experiment_id
+
+
+def _join_pipeline_run(client: Any, experiment_id: str, tags: Mapping[str, str]) -> str | None:
+    """The id of the pipeline run of the DVC command that started this stage, created by its
+    first stage and set RUNNING again by each later one; None outside DVC."""
+    invocation = lineage.invocation_id()
+    if invocation is None:
+        return None
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.{INVOCATION_TAG} = '{invocation}'", max_results=1
+    )
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    name = exp_name or f"dvc repro {datetime.datetime.now():%Y-%m-%d %H:%M:%S}"
+    kept = {k: tags[k] for k in ("git_commit", "dvc_exp", "mlflow.user") if k in tags}
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        kept["dvc_exp_baseline"] = os.environ["DVC_EXP_BASELINE_REV"]
+    run_id = client.create_run(
+        experiment_id, tags={INVOCATION_TAG: invocation, **kept}, run_name=name
+    ).info.run_id
+    client.set_tag(run_id, PIPELINE_RUN_TAG, run_id)
+    return run_id
+
+
+def follow_store(uri: str, experiment_id: str) -> bool:
+    """For a SQLite store: make the experiment's artifact locations follow the store (see the
+    module doc); True when they were rewritten.
+
+    A location is rewritten only when it has MLflow's layout `<folder>/mlruns/<id>` and
+    `<folder>` is not this store's, and `<folder>` is gone, holds another `mlflow.db`, or the
+    experiment has no runs yet (created by a process working elsewhere, as in `dvc exp run
+    --temp`); a location the user chose elsewhere is left alone.
+    """
+    db = _sqlite_file(uri)
+    if db is None or not db.is_file():
+        return False
+    want = db.resolve().parent / ARTIFACTS_DIR / str(experiment_id)
+    with contextlib.closing(sqlite3.connect(db, timeout=60)) as con, con:
+        row = con.execute(
+            "SELECT artifact_location FROM experiments WHERE experiment_id = ?", (experiment_id,)
+        ).fetchone()
+        recorded = row[0] if row else None
+        old = _local_path(recorded)
+        if old is None or old == want or old.parent.name != ARTIFACTS_DIR:
+            return False
+        if old.name != str(experiment_id):
+            return False
+        other = old.parent.parent
+        elsewhere = not other.exists() or (
+            (other / DEFAULT_DB).is_file() and not (other / DEFAULT_DB).samefile(db)
+        )
+        empty = (
+            con.execute(
+                "SELECT COUNT(*) FROM runs WHERE experiment_id = ?", (experiment_id,)
+            ).fetchone()[0]
+            == 0
+        )
+        if not (elsewhere or empty):
+            return False
+        new = want.as_posix()
+        con.execute(
+            "UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+            (new, experiment_id),
+        )
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        for table, column in (("runs", "artifact_uri"), ("logged_models", "artifact_location")):
+            if table in tables:
+                con.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                    f"WHERE experiment_id = ? AND substr({column}, 1, ?) = ?",
+                    (new, len(recorded) + 1, experiment_id, len(recorded), recorded),
+                )
+    log.info("MLflow artifacts of experiment %s: %s -> %s (the checkout moved)", experiment_id,
+             recorded, new)  # fmt: skip
+    return True
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI, None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(unquote(uri[len("sqlite:///") :].split("?", 1)[0]))
+
+
+def _local_path(location: str | None) -> Path | None:
+    """A local artifact location (a path or file: URI) as an absolute path, else None."""
+    if not location:
+        return None
+    parts = urlsplit(location)
+    if parts.scheme not in ("", "file"):
+        return None
+    path = Path(unquote(parts.path) if parts.scheme else location)
+    return path if path.is_absolute() else None
+
+
+def _relative(text: str) -> str:
+    """`text` relative to the working directory when it is an absolute path inside it."""
+    if not os.path.isabs(text):
+        return text
     try:
-        return client.create_experiment(name)
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    return client.get_experiment_by_name(name).experiment_id
+        return Path(text).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except (ValueError, OSError):
+        return text
 
 
 def search_runs(experiment: str, uri: str) -> list[dict[str, Any]] | None:
-    """Every run of `experiment` at `uri`, newest first, as flat dicts (`run_id`, `start_time`,
-    `params.*`, `metrics.*`, `tags.*`); None when there is no such experiment. Does not change
-    the process's tracking URI."""
+    """Every run of `experiment` at `uri`, newest first, as flat dicts (`run_id`, `status`,
+    `start_time`, `params.*`, `metrics.*`, `tags.*`); None when there is no such experiment.
+    Does not change the process's tracking URI."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -366,6 +667,7 @@ def search_runs(experiment: str, uri: str) -> list[dict[str, Any]] | None:
         for run in page:
             row: dict[str, Any] = {
                 "run_id": run.info.run_id,
+                "status": run.info.status,
                 "start_time": datetime.datetime.fromtimestamp(run.info.start_time / 1000),
             }
             row |= {f"params.{k}": v for k, v in run.data.params.items()}

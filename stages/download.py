@@ -13,7 +13,9 @@ def main() -> str:
     params = load_params()
     cfg, clips = params.download, Path(params.paths.clips)
     report = Path(params.paths.reports) / "download"
-    with tracking.stage_run("download", params.base.experiment, as_dict(cfg), report) as run:
+    with tracking.stage_run(
+        "download", params.base.experiment, as_dict(cfg), report, paths=params.paths
+    ) as run:
         summary = run_download(cfg, clips, seed=params.base.seed)
         run.log_metrics(summary.metrics())
         run.set_tags({"source": summary.source, "yt_dlp": summary.ytdlp_version})

@@ -15,7 +15,9 @@ def main() -> str:
     report = Path(params.paths.reports) / "evaluate"
     logged = {"evaluate": as_dict(params.evaluate), "generate": as_dict(params.generate)}
     meta = io.read_json(Path(params.paths.transformer) / io.META_NAME)
-    with tracking.stage_run("evaluate", params.base.experiment, logged, report) as run:
+    with tracking.stage_run(
+        "evaluate", params.base.experiment, logged, report, paths=params.paths
+    ) as run:
         # The train stage's MLflow run carries the same `train_run` tag (the Ray Train run name).
         run.set_tags({"train_run": meta.get("run_name", ""), "comparable_to_paper": "false"})
         summary = run_evaluate(params.evaluate, params.generate, params.evaluator, params.paths,

@@ -14,7 +14,9 @@ def main() -> str:
     params = load_params()
     cfg, out = params.evaluator, Path(params.paths.evaluator)
     report = Path(params.paths.reports) / "evaluator"
-    with tracking.stage_run("evaluator", params.base.experiment, as_dict(cfg), report) as run:
+    with tracking.stage_run(
+        "evaluator", params.base.experiment, as_dict(cfg), report, paths=params.paths
+    ) as run:
         summary = run_evaluator(
             cfg,
             Path(params.paths.extract),

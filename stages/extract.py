@@ -13,7 +13,9 @@ def main() -> str:
     params = load_params()
     cfg, out = params.extract, Path(params.paths.extract)
     report = Path(params.paths.reports) / "extract"
-    with tracking.stage_run("extract", params.base.experiment, as_dict(cfg), report) as run:
+    with tracking.stage_run(
+        "extract", params.base.experiment, as_dict(cfg), report, paths=params.paths
+    ) as run:
         summary = run_extract(
             cfg,
             Path(params.paths.clips),

@@ -14,7 +14,9 @@ from pipeline.stage import stage_main
 def main() -> str:
     params = load_params()
     report = Path(params.paths.reports) / "sweep"
-    with tracking.stage_run("sweep", params.base.experiment, as_dict(params.sweep), report) as run:
+    with tracking.stage_run(
+        "sweep", params.base.experiment, as_dict(params.sweep), report, paths=params.paths
+    ) as run:
         summary = run_sweep(
             params.sweep,
             params.generate,

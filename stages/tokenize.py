@@ -13,7 +13,7 @@ def main() -> str:
     params = load_params()
     out, report = Path(params.paths.tokens), Path(params.paths.reports) / "tokenize"
     with tracking.stage_run(
-        "tokenize", params.base.experiment, as_dict(params.tokenize), report
+        "tokenize", params.base.experiment, as_dict(params.tokenize), report, paths=params.paths
     ) as run:
         summary = run_tokenize(
             params.tokenize,

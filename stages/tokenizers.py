@@ -13,7 +13,7 @@ def main() -> str:
     params = load_params()
     out, report = Path(params.paths.tokenizers), Path(params.paths.reports) / "tokenizers"
     with tracking.stage_run(
-        "tokenizers", params.base.experiment, as_dict(params.tokenizers), report
+        "tokenizers", params.base.experiment, as_dict(params.tokenizers), report, paths=params.paths
     ) as run:
         summary = run_tokenizers(
             params.tokenizers,

@@ -13,7 +13,9 @@ def main() -> str:
     params = load_params()
     out, report = Path(params.paths.transformer), Path(params.paths.reports) / "train"
     logged = {"model": as_dict(params.model), "train": as_dict(params.train)}
-    with tracking.stage_run("train", params.base.experiment, logged, report) as run:
+    with tracking.stage_run(
+        "train", params.base.experiment, logged, report, paths=params.paths
+    ) as run:
         summary = run_train(
             params.model,
             params.train,

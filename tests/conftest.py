@@ -367,11 +367,12 @@ def new_tiny_repo(repo: Path) -> Path:
 
 
 def copy_repo(src: Path, dst: Path) -> Path:
-    """A copy of the repository `src` at `dst`, as if the user had moved it, but for the MLflow
-    store: the experiment there records `src`'s artifact folder, so the copy starts its own."""
+    """A copy of the repository `src` at `dst`, as a user would copy it (`cp -r`), the MLflow
+    store and its artifacts included: the copy's stages log into the copy's store and folder
+    (pipeline/tracking.py), never into `src`'s. DVC's scratch folder (locks, temp) stays."""
     import shutil
 
-    skip = {src / "mlflow.db", src / "mlruns", src / ".dvc" / "tmp"}
+    skip = {src / ".dvc" / "tmp"}
     shutil.copytree(src, dst, symlinks=True,
                     ignore=lambda folder, names: [n for n in names if Path(folder, n) in skip])  # fmt: skip
     return dst

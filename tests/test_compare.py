@@ -5,11 +5,15 @@ MlflowClient the way the stages write them (tags `stage=...`, flattened params, 
 as `run_evaluate` and the sweep trials name them):
 - "trials": three sweep trials and one train run;
 - "mixed": one evaluate run at a single setting and two sweep trials;
-- "headline": one evaluate run at s = 3 (the headline, first in evaluate.guidance) and s = 1.
+- "headline": one evaluate run at s = 3 (the headline, first in evaluate.guidance) and s = 1;
+- "lineage": a failed and a finished download, then extract, tokenizers, tokenize, two trainings
+  (mask mean 0.55 and 0.75), an evaluate run of each and a sweep trial of the second, each run
+  tagged with the runs it read (`lineage.<stage>.run_id`) as `pipeline.tracking` tags them.
 """
 
 from __future__ import annotations
 
+import csv
 import re
 from pathlib import Path
 
@@ -49,7 +53,36 @@ HEADLINE = {
                    {"image2audio/s3/fd_local": 3.5, "image2audio/s3/acc_local": 0.625,
                     "image2audio/s1/fd_local": 8.5, "image2audio/s1/acc_local": 0.125}),
 }  # fmt: skip
-EXPERIMENTS = {"trials": TRIALS, "mixed": MIXED, "headline": HEADLINE}
+
+
+def _from(*runs: str) -> dict[str, str]:
+    """Lineage tags naming the runs (by fixture name; the store fixture puts in their ids)."""
+    return {f"lineage.{r.rsplit('-', 1)[0]}.run_id": f"@{r}" for r in runs}
+
+
+TRAIN_PARAMS = {"model.embed_dim": 64, "model.depth": 2, "train.masking.drop_ratio": 0.5}
+EVALUATE_METRICS = {"image2audio/s3/fd_local": 3.0, "image2audio/s3/acc_local": 0.75}
+# name: (stage, params, metrics, tags[, status]); "@name" in a tag value: that run's id.
+LINEAGE = {
+    "download-failed": ("download", {"source": "vggsound"}, {}, {}, "FAILED"),
+    "download-1": ("download", {"source": "synthetic"}, {"ok": 12}, {"source": "synthetic"}),
+    "extract-1": ("extract", {}, {}, _from("download-1") | {"source": "synthetic"}),
+    "tokenizers-1": ("tokenizers", {}, {},
+                     _from("extract-1") | {"image_tokenizer": "trained", "audio_tokenizer": "trained"}),
+    "tokenize-1": ("tokenize", {}, {}, _from("extract-1", "tokenizers-1")),
+    "train-a": ("train", TRAIN_PARAMS | {"train.masking.mean": 0.55, "train.steps": 100}, {},
+                _from("tokenize-1", "tokenizers-1")),
+    "train-b": ("train", TRAIN_PARAMS | {"train.masking.mean": 0.75, "train.steps": 200}, {},
+                _from("tokenize-1", "tokenizers-1")),
+    "evaluate-a": ("evaluate", EVALUATE_PARAMS | {"evaluate.guidance": "[3.0]"}, EVALUATE_METRICS,
+                   _from("download-1", "extract-1", "tokenizers-1", "train-a")),
+    "evaluate-b": ("evaluate", EVALUATE_PARAMS | {"evaluate.guidance": "[3.0]"}, EVALUATE_METRICS,
+                   _from("download-1", "extract-1", "tokenizers-1", "train-b")),
+    "sweep-1": ("sweep", {}, {}, _from("extract-1", "tokenizers-1", "train-b")),
+    "trial-f": ("sweep-trial", {"temperature": 1.0, "steps": 8, "guidance": 3.0},
+                {"fd_local": 2.5}, {"mlflow.parentRunId": "@sweep-1"}),
+}  # fmt: skip
+EXPERIMENTS = {"trials": TRIALS, "mixed": MIXED, "headline": HEADLINE, "lineage": LINEAGE}
 
 
 @pytest.fixture(scope="module")
@@ -59,21 +92,27 @@ def store(tmp_path_factory) -> tuple[str, dict[str, str]]:
     uri = f"sqlite:///{folder}/mlflow.db"
     client = MlflowClient(uri)
     ids: dict[str, str] = {}
+    full: dict[str, str] = {}
     start = T0
     for experiment, runs in EXPERIMENTS.items():
         exp_id = client.create_experiment(
             experiment, artifact_location=(folder / experiment).as_uri()
         )
-        for name, (stage, params, metrics) in runs.items():
+        for name, (stage, params, metrics, *rest) in runs.items():
             start += 60_000
+            tags = {
+                k: full[v[1:]] if v.startswith("@") else v for k, v in (rest or [{}])[0].items()
+            }
             run = client.create_run(
-                exp_id, start_time=start, tags={"stage": stage}, run_name=name
+                exp_id, start_time=start, tags={"stage": stage} | tags, run_name=name
             ).info.run_id
             for key, value in params.items():
                 client.log_param(run, key, value)
             for key, value in metrics.items():
                 client.log_metric(run, key, value, timestamp=start)
-            client.set_terminated(run, end_time=start + 1000)
+            status = rest[1] if len(rest) > 1 else "FINISHED"
+            client.set_terminated(run, status=status, end_time=start + 1000)
+            full[name] = run
             ids[name] = run[:8]
     return uri, ids
 
@@ -187,7 +226,8 @@ def test_cli_prints_the_table_from_the_tracking_uri(store, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert out.splitlines()[0].split() == [
-        "run", "stage", "started", "T", "N", "s", "mask_mean",
+        "run", "stage", "status", "started", "T", "N", "s",
+        "mask_mean", "drop", "steps", "model", "tokenizers", "source", "clips",
         "acc_local", "fd_local", "is_local", "cs_local",
     ]  # fmt: skip
     assert _names(_rows(out.rstrip("\n")), ids) == ["trial-c", "trial-a"]
@@ -216,3 +256,80 @@ def test_cli_reports_an_unknown_experiment_in_one_line(store, monkeypatch, capsy
     assert captured.out == ""
     assert captured.err.startswith("visual-echoes: error: no MLflow experiment 'nope'")
     assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_evaluate_and_sweep_rows_show_the_training_and_data_that_produced_them(store):
+    """The lineage is followed from each row back to download: the train run's mask mean, drop,
+    steps and model size, the tokenizers' origin, the data source and its clips."""
+    uri, ids = store
+    rows = _rows(compare("lineage", ("evaluate", "sweep-trial"), None, 30, uri))
+    shown = dict(zip(_names(rows, ids), rows, strict=True))
+    assert list(shown) == ["trial-f", "evaluate-b", "evaluate-a"]
+    assert [shown[n]["mask_mean"] for n in shown] == ["0.75", "0.75", "0.55"]
+    assert [shown[n]["steps"] for n in shown] == ["200", "200", "100"]
+    for row in shown.values():
+        assert row["status"] == "finished" and row["drop"] == "0.5" and row["model"] == "64x2"
+        assert (row["tokenizers"], row["source"], row["clips"]) == ("trained", "synthetic", "12")
+    assert shown["trial-f"]["fd_local"] == "2.500" and shown["evaluate-a"]["fd_local"] == "3.000"
+
+
+def test_status_column_and_filter_tell_a_failed_run_apart(store):
+    uri, ids = store
+    rows = _rows(compare("lineage", ("download",), None, 30, uri))
+    assert [(n, r["status"], r["source"]) for n, r in zip(_names(rows, ids), rows, strict=True)] == [
+        ("download-1", "finished", "synthetic"), ("download-failed", "failed", "vggsound"),
+    ]  # fmt: skip
+    failed = _rows(compare("lineage", ("download",), None, 30, uri, statuses=["failed"]))
+    assert _names(failed, ids) == ["download-failed"]
+    with pytest.raises(CompareError, match=r"--status DONE: not a run status"):
+        compare("lineage", ("download",), None, 30, uri, statuses=["done"])
+
+
+@pytest.mark.parametrize(
+    ("where", "names"),
+    [
+        (["train.mask_mean>0.6"], ["evaluate-b"]),
+        (["mask_mean<=0.6"], ["evaluate-a"]),
+        (["train.masking.mean>0.6"], ["evaluate-b"]),  # the train run's param by its own name
+        (["train.steps=100"], ["evaluate-a"]),
+        (["download.source=synthetic", "status=FINISHED"], ["evaluate-b", "evaluate-a"]),
+        (["params.generate.steps==30", "model!=64x2"], []),
+        (["tags.lineage.train.run_id=@train-a"], ["evaluate-a"]),
+    ],
+)
+def test_where_filters_on_columns_and_on_lineage_params(store, where, names):
+    uri, ids = store
+    exprs = [w.replace("@train-a", _full_id(uri, ids["train-a"])) for w in where]
+    rows = _rows(compare("lineage", ("evaluate",), None, 30, uri, where=exprs))
+    assert _names(rows, ids) == names
+
+
+def _full_id(uri: str, prefix: str) -> str:
+    (run,) = [r for r in tracking.search_runs("lineage", uri) if r["run_id"].startswith(prefix)]
+    return run["run_id"]
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("mask_mean", r"write NAME OP VALUE"),
+        ("no_such_thing>1", r"no listed run has 'no_such_thing'"),
+        ("source>1", r"'synthetic' is not a number"),
+    ],
+)
+def test_a_bad_where_is_one_sentence(store, where, message):
+    uri, _ = store
+    with pytest.raises(CompareError, match=message):
+        compare("lineage", ("evaluate",), None, 30, uri, where=[where])
+
+
+def test_cli_csv_has_full_ids_and_raw_values(store, monkeypatch, capsys):
+    uri, ids = store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    args = ["compare", "--experiment", "lineage", "--stage", "evaluate", "--csv",
+            "--where", "train.mask_mean>0.6"]  # fmt: skip
+    assert cli.main(args) == 0
+    (row,) = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert row["run_id"][:8] == ids["evaluate-b"] and len(row["run_id"]) == 32
+    assert (row["status"], row["mask_mean"], row["fd_local"]) == ("FINISHED", "0.75", "3.0")
+    assert row["clips"] == "12.0" and row["source"] == "synthetic"

@@ -3,7 +3,7 @@
 A real DVC repository in a temporary folder, real MP4s through real ffmpeg, a real MLflow store.
 The DAG runs from scratch in two `dvc repro`s: conftest's `tiny_upstream` runs the stages up to
 `tokenizers` once for the session (tests/test_cluster.py starts from there too), the first test
-here runs the rest in a copy.
+here runs the rest in a copy, whose MLflow store came along: two pipeline runs in one store.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import UPSTREAM_STAGES, run_in
+from conftest import UPSTREAM_STAGES, copy_repo, run_in
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -24,6 +24,27 @@ pytestmark = pytest.mark.slow
 
 def _run(repo: Path, *args: str) -> str:
     return run_in(repo, *args)
+
+
+def _client(repo: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def _stage_runs(repo: Path, stage: str) -> list:
+    """The runs of `stage` in the project's store, oldest first."""
+    client = _client(repo)
+    exp = client.get_experiment_by_name("visual-echoes")
+    return client.search_runs([exp.experiment_id], f"tags.stage = '{stage}'",
+                              order_by=["attributes.start_time ASC"])  # fmt: skip
+
+
+def _csv_rows(out: str) -> list[dict[str, str]]:
+    """The rows of `visual-echoes compare --csv` (anything logged before the header dropped)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("run_id,"))
+    return list(csv.DictReader(lines[start:]))
 
 
 @pytest.fixture(scope="module")
@@ -138,11 +159,75 @@ def test_sweep_trials_are_child_runs_of_the_sweep_run(tiny_repo):
     assert tags["stage"] == "evaluate" and tags["git_commit"] and tags["train_run"]
     out = _run(tiny_repo, "visual-echoes", "compare", "--sort", "fd")
     assert out.count("sweep-trial") == 4 and "evaluate" in out
+    # Every run carries the commit; no param holds a path of either checkout.
+    sweep = client.get_run(parent).data.tags
+    for r in children:
+        assert r.data.tags["git_commit"] == sweep["git_commit"]
+        assert r.data.tags["pipeline_run"] == sweep["pipeline_run"]
+    roots = (str(tiny_repo), str(tiny_repo.resolve()), str(ROOT))
+    for r in client.search_runs([exp.experiment_id]):
+        assert "git_commit" in r.data.tags, r.info.run_name
+        assert not [v for v in r.data.params.values() if any(root in v for root in roots)]
+
+
+def test_each_repro_is_one_pipeline_run_and_evaluate_reaches_download(tiny_upstream, tiny_repo):
+    """The two `dvc repro`s that built the DAG (tiny_upstream's three stages, then the other
+    five here) are two pipeline runs: parent runs whose children are their stage runs. The
+    evaluate run's lineage leads run by run back to download, each link agreeing with the
+    content digest the producing run recorded; its data inputs are MLflow datasets; compare
+    shows the training and data that produced it."""
+    from pipeline.config import load_params
+
+    client = _client(tiny_repo)
+    exp = client.get_experiment_by_name("visual-echoes")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = {s: _stage_runs(tiny_repo, s) for s in STAGES}
+    assert [len(r) for r in runs.values()] == [1] * len(STAGES)
+    runs = {s: r[0] for s, r in runs.items()}
+    first, second = (
+        runs["download"].data.tags["pipeline_run"],
+        runs["sweep"].data.tags["pipeline_run"],
+    )
+    assert first != second
+    for group, members in ((first, UPSTREAM_STAGES), (second, STAGES[3:])):
+        parent = client.get_run(group)
+        assert parent.info.run_name.startswith("dvc repro ") and parent.info.status == "FINISHED"
+        children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{group}'")
+        assert sorted(c.data.tags["stage"] for c in children) == sorted(members)
+        assert {c.data.tags["pipeline_run"] for c in children} == {group}
+    reused = client.get_run(second).data.tags  # the second repro read the first one's outputs
+    assert reused["reused.extract"] == runs["extract"].info.run_id
+    assert reused["reused.tokenizers"] == runs["tokenizers"].info.run_id
+
+    run = runs["evaluate"]
+    named = {k.split(".")[1] for k in run.data.tags if re.fullmatch(r"lineage\.\w+\.run_id", k)}
+    assert named == {"download", "extract", "tokenizers", "train", "evaluator"}
+    for stage in ("train", "tokenize", "tokenizers", "extract", "download"):
+        made = client.get_run(run.data.tags[f"lineage.{stage}.run_id"])
+        assert made.info.run_id == runs[stage].info.run_id
+        assert run.data.tags[f"lineage.{stage}.sha256"] == made.data.tags["output_sha256"]
+        run = made
+
+    datasets = {d.dataset.name: d.dataset for d in runs["evaluate"].inputs.dataset_inputs}
+    assert sorted(datasets) == ["clips", "extract"]
+    assert json.loads(datasets["extract"].profile) == {"splits": {"test": 4, "train": 8},
+                                                       "source": "synthetic"}  # fmt: skip
+    assert json.loads(datasets["clips"].source) == {"uri": "data/clips"}
+    (tokens,) = runs["train"].inputs.dataset_inputs
+    assert tokens.dataset.name == "tokens" and [t.value for t in tokens.tags] == ["training"]
+
+    params = load_params(tiny_repo / "params.yaml")
+    (row,) = _csv_rows(_run(tiny_repo, "visual-echoes", "compare", "--stage", "evaluate", "--csv"))
+    assert row["run_id"] == runs["evaluate"].info.run_id and row["status"] == "FINISHED"
+    assert float(row["mask_mean"]) == params.train.masking.mean
+    assert int(row["steps"]) == params.train.steps
+    assert row["model"] == f"{params.model.embed_dim}x{params.model.depth}"
+    assert (row["source"], row["clips"], row["tokenizers"]) == ("synthetic", "12.0", "trained")
 
 
 def test_bench_dag_time_lists_each_stage_run(tiny_repo, capsys, monkeypatch):
-    """bench/dag_time.py on the copy: the stages this module ran have a run with its seconds;
-    the upstream ones ran in tiny_upstream's store, which the copy left behind."""
+    """bench/dag_time.py on the copy: the stages the last `dvc repro` ran have a run with its
+    seconds; the upstream ones ran in tiny_upstream's repro, another pipeline run."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     spec = importlib.util.spec_from_file_location("dag_time", ROOT / "bench" / "dag_time.py")
     module = importlib.util.module_from_spec(spec)
@@ -151,8 +236,9 @@ def test_bench_dag_time_lists_each_stage_run(tiny_repo, capsys, monkeypatch):
     out = capsys.readouterr().out
     rows = {line.split()[0]: line for line in out.splitlines() if line.split()[0] in STAGES}
     assert sorted(rows) == sorted(STAGES)
+    assert re.search(r"pipeline run 'dvc repro [\d-]+ [\d:]+'", out)
     for stage in UPSTREAM_STAGES:
-        assert rows[stage].endswith("no run in this store")
+        assert re.search(r"no run in pipeline run 'dvc repro [\d-]+ [\d:]+'$", rows[stage])
     for stage in STAGES[3:]:
         assert re.fullmatch(rf"{stage} +\d{{4}}-\d\d-\d\d [\d:]{{8}} +\d+ +\d*", rows[stage])
     assert "not one `dvc repro` from scratch: download has no run" in out
@@ -308,6 +394,14 @@ def test_changing_an_evaluate_param_reruns_only_evaluate(tiny_repo):
     assert _ran(out) == ["evaluate"]
     wavs = list((tiny_repo / "reports/evaluate/samples/image2audio").glob("*.wav"))
     assert len(wavs) == 1  # the samples folder is replaced, not added to
+    # train and extract were rerun by the tests above, then restored from DVC's run cache: the
+    # restores made no run, and the new evaluate run links to the runs that made what it read.
+    trains, extracts = _stage_runs(tiny_repo, "train"), _stage_runs(tiny_repo, "extract")
+    assert [r.data.params["train.log_every"] for r in trains] == ["2", "1"]
+    assert [r.data.params["jpeg_quality"] for r in extracts] == ["90", "75"]
+    latest = _stage_runs(tiny_repo, "evaluate")[-1].data.tags
+    assert latest["lineage.train.run_id"] == trains[0].info.run_id
+    assert latest["lineage.extract.run_id"] == extracts[0].info.run_id
 
 
 def test_a_temporary_experiment_keeps_its_runs_in_the_workspace_store(tiny_repo):
@@ -328,3 +422,42 @@ def test_a_temporary_experiment_keeps_its_runs_in_the_workspace_store(tiny_repo)
     assert exp_run.data.tags.get("dvc_exp") and exp_run.info.status == "FINISHED"
     table = _run(tiny_repo, "visual-echoes", "compare", "--stage", "train")
     assert exp_run.info.run_id[:8] in table
+    # MLflow and DVC name the experiment alike: its pipeline run is named after it.
+    parent = client.get_run(exp_run.data.tags["mlflow.parentRunId"])
+    assert parent.info.run_name == exp_run.data.tags["dvc_exp"] == parent.data.tags["dvc_exp"]
+    assert parent.data.tags["dvc_exp_baseline"]
+    assert exp_run.data.tags["dvc_exp"] in _run(tiny_repo, "dvc", "exp", "show", "--csv")
+
+
+def _store_state(repo: Path) -> tuple[str, dict[str, tuple[int, int]]]:
+    """The sha256 of a project's mlflow.db and the size and mtime of every artifact file."""
+    from pipeline.io import sha256_file
+
+    files = sorted(p for p in (repo / "mlruns").rglob("*") if p.is_file())
+    tree = {p.relative_to(repo).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in files}
+    return sha256_file(repo / "mlflow.db"), tree
+
+
+def test_a_copied_checkout_logs_into_its_own_store(tiny_upstream, tmp_path):
+    """`cp -r` of a checkout, store included (conftest's copy_repo), and a stage rerun in the
+    copy: the new run, its artifact and the copied runs' locations are the copy's; the
+    original's store and artifacts are untouched; the run links to the copied download run."""
+    original = tiny_upstream.repo
+    before = _store_state(original)
+    assert before[1], "the original has artifacts to leave alone"
+    repo = copy_repo(original, tmp_path / "copy")
+    assert _ran(_run(repo, "dvc", "repro", "-f", "-s", "extract")) == ["extract"]
+    client = _client(repo)
+    exp = client.get_experiment_by_name("visual-echoes")
+    assert exp.artifact_location == (repo / "mlruns" / exp.experiment_id).as_posix()
+    for run in client.search_runs([exp.experiment_id]):
+        assert run.info.artifact_uri.startswith(f"{repo}/mlruns/"), run.info.run_name
+    old, new = _stage_runs(repo, "extract")
+    assert [a.path for a in client.list_artifacts(new.info.run_id)] == ["preview.png"]
+    assert (
+        repo / "mlruns" / exp.experiment_id / new.info.run_id / "artifacts/preview.png"
+    ).is_file()
+    (download,) = _stage_runs(repo, "download")
+    assert new.data.tags["lineage.download.run_id"] == download.info.run_id
+    assert new.data.tags["pipeline_run"] != old.data.tags["pipeline_run"]
+    assert _store_state(original) == before

@@ -36,9 +36,11 @@ class SweepError(PipelineError):
     """A sweep whose grid or metric does not make sense."""
 
 
-def trial(config: dict[str, Any], frames: np.ndarray, ref: Reference) -> None:
+def trial(config: dict[str, Any], frames: np.ndarray, ref: Reference, dirs: dict[str, str]) -> None:
     """One Tune trial: generate for the subset's conditioning `frames` at (T, N, s) and report
-    the scores against `ref` (both made once by the driver and shared through the object store)."""
+    the scores against `ref` (both made once by the driver and shared through the object store).
+    `dirs`: the absolute transformer, tokenizers and evaluator folders, kept out of `config`
+    because Tune logs the config as the trial's MLflow params and runs it in another folder."""
     import torch
     from ray import tune
 
@@ -56,8 +58,8 @@ def trial(config: dict[str, Any], frames: np.ndarray, ref: Reference) -> None:
         device=config["device"],
         drop_ratio=config["drop_ratio"],
     )
-    generator = Generator(config["transformer"], config["tokenizers"], gen_cfg)
-    evaluator = LocalEvaluator.load(config["evaluator"], generator.device)
+    generator = Generator(dirs["transformer"], dirs["tokenizers"], gen_cfg)
+    evaluator = LocalEvaluator.load(dirs["evaluator"], generator.device)
     out = generator.run("image2audio", images=frames, seed=config["seed"], vocode=False)
     scores = score_audio(evaluator.audio_outputs(out.mels), ref, np.arange(len(frames)))
     tune.report(scores | {"seconds": time.monotonic() - start})
@@ -98,20 +100,23 @@ def run_sweep(
     tracking_uri: str,
 ) -> SweepSummary:
     """Run the grid with Ray Tune (trials as MLflow child runs of `parent_run_id` in
-    `experiment`). Of `generate` it reads batch_size and drop_ratio (fixed for every trial) and
-    guidance (the s of the T x N chart)."""
+    `experiment`, with its git_commit and pipeline run). Of `generate` it reads batch_size and
+    drop_ratio (fixed for every trial) and guidance (the s of the T x N chart)."""
     import ray
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
+    from pipeline import tracking
     from pipeline.devices import usable_cores
     from pipeline.ray_runtime import ray_session, require_gpus
 
     start = time.monotonic()
-    fixed = {
+    dirs = {
         "transformer": str(Path(paths.transformer).resolve()),
         "tokenizers": str(Path(paths.tokenizers).resolve()),
         "evaluator": str(Path(paths.evaluator).resolve()),
+    }
+    fixed = {
         "clips": cfg.clips,
         "seed": seed,
         "batch_size": max(generate.batch_size, cfg.clips),
@@ -137,7 +142,7 @@ def run_sweep(
             concurrent = min(concurrent, int(gpus // cfg.gpus_per_trial))
         tuner = tune.Tuner(
             tune.with_resources(
-                tune.with_parameters(trial, frames=test.frames, ref=ref),
+                tune.with_parameters(trial, frames=test.frames, ref=ref, dirs=dirs),
                 {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial},
             ),
             param_space=fixed | space,
@@ -152,7 +157,7 @@ def run_sweep(
                     MLflowLoggerCallback(
                         tracking_uri=tracking_uri,
                         experiment_name=experiment,
-                        tags={"mlflow.parentRunId": parent_run_id, "stage": "sweep-trial"},
+                        tags=tracking.trial_tags(parent_run_id, tracking_uri, "sweep-trial"),
                     )
                 ],
             ),
