@@ -17,22 +17,27 @@ or the MLflow URI of a logged one) into the transformer and tokenizer folders to
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import cards, checkpoint, io
+from pipeline import cards, io
+
+log = logging.getLogger(__name__)
 
 TRANSFORMER, TOKENIZERS = "transformer", "tokenizers"
 TOKENIZER_PARTS = ("image", "audio", "vocoder")
 DEFAULT_TOKENIZERS = Path("models/tokenizers")  # the tokenizers stage output, from the checkout
+# `pipeline.checkpoint` (torch) is imported where weights are read or written: finding a model
+# must not load torch, so that the commands refuse bad flags and outputs in a moment.
 
 
 def is_bundle(folder: str | Path) -> bool:
-    """Whether `folder` is an exported model (it has a `transformer/` checkpoint)."""
-    return checkpoint.config_path(Path(folder) / TRANSFORMER) is not None
+    """Whether `folder` is laid out as an exported model (`transformer/` and `tokenizers/`)."""
+    return (Path(folder) / TRANSFORMER).is_dir() and (Path(folder) / TOKENIZERS).is_dir()
 
 
 def write_bundle(
@@ -47,6 +52,8 @@ def write_bundle(
     layout) into the new folder `folder`, with its card; `generate` (the generation settings it
     will carry), `evaluation` (the evaluate stage's metrics.json) and `source` (the data source)
     go into the card. Raises CheckpointError for a part that is missing or does not load."""
+    from pipeline import checkpoint
+
     folder, tokenizers_dir = Path(folder), Path(tokenizers_dir)
     checkpoint.copy(transformer_dir, folder / TRANSFORMER)
     for part in TOKENIZER_PARTS:
@@ -69,11 +76,26 @@ def write_bundle(
     return folder
 
 
-@contextlib.contextmanager
-def staged(transformer_dir: str | Path, tokenizers_dir: str | Path) -> Iterator[Path]:
-    """`write_bundle` into a temporary folder, removed when the block ends (for logging)."""
+def log_to(
+    run: Any,
+    transformer_dir: str | Path,
+    tokenizers_dir: str | Path,
+    step: int,
+    name: str = "model",
+) -> str | None:
+    """Log the exported model of `transformer_dir` and `tokenizers_dir` as the logged model
+    `name` of the stage's MLflow run `run` (`tracking.StageRun.log_model`), linked to its metrics
+    at `step`; returns the model id. Without loadable tokenizers there is nothing to generate
+    with: a warning, and None."""
+    from pipeline.checkpoint import CheckpointError
+
     with tempfile.TemporaryDirectory(prefix="ve-bundle-") as tmp:
-        yield write_bundle(Path(tmp) / "model", transformer_dir, tokenizers_dir)
+        try:
+            folder = write_bundle(Path(tmp) / name, transformer_dir, tokenizers_dir)
+        except CheckpointError as err:
+            log.warning("the model is not logged to MLflow: %s", err)
+            return None
+        return run.log_model(name, folder, step)
 
 
 @dataclass(frozen=True)

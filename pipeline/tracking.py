@@ -451,8 +451,13 @@ def download_model(uri: str, dst: str | Path, repo_root: str | Path | None = Non
             "pipeline ran (its mlflow.db), or set MLFLOW_TRACKING_URI"
         )
     check_server(store)
+    from mlflow.tracking import MlflowClient
+
+    registry = os.environ.get("MLFLOW_REGISTRY_URI", "").strip() or store
+    client = MlflowClient(tracking_uri=store, registry_uri=registry)
     try:
-        local = Path(download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=store))
+        location = _model_location(client, uri)
+        local = Path(download_artifacts(artifact_uri=location, dst_path=str(dst)))
     except (MlflowException, OSError) as err:
         raise TrackingError(
             f"MLflow at {redact(store)} cannot give {uri} ({_first_line(err)})"
@@ -468,6 +473,30 @@ def download_model(uri: str, dst: str | Path, repo_root: str | Path | None = Non
             "in its MLmodel)"
         ) from None
     return data
+
+
+def _model_location(client: Any, uri: str) -> str:
+    """Where the artifacts of the logged model `uri` names are, found through `client` alone
+    (MLflow's own resolution of `models:/` reads the process-wide tracking URI, which may name
+    another store). MlflowException when there is no such run, model or version."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    if urlsplit(uri).scheme == "runs":
+        run_id, _, name = uri.removeprefix("runs:").strip("/").partition("/")
+        if not re.fullmatch(r"[\w.-]+", name):
+            raise MlflowException(f"{name!r} is not a model name")
+        experiment = client.get_run(run_id).info.experiment_id
+        query = f"name = '{name}' AND source_run_id = '{run_id}'"
+        found = client.search_logged_models([experiment], filter_string=query)
+        if not found:
+            raise MlflowException(f"run {run_id} logged no model named {name!r}")
+        return found[0].artifact_location
+    parts = get_model_name_and_version(client, uri)
+    if len(parts) == 1:  # models:/<model_id>
+        return client.get_logged_model(parts[0]).artifact_location
+    location = client.get_model_version_download_uri(*parts)
+    return _model_location(client, location) if is_model_uri(location) else location
 
 
 def _first_line(err: BaseException) -> str:

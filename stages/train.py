@@ -23,9 +23,9 @@ def main() -> str:
         for name in ("loss.png", "reconstruction.png"):
             run.log_artifact(report / name)
         run.set_tags({"train_run": summary.run_name})
-        with bundle.staged(out, tokenizers) as folder:
-            run.log_model("model", folder, summary.steps)
-    return f"{summary.describe()}; logged to MLflow as runs:/{run.run_id}/model"
+        model_id = bundle.log_to(run, out, tokenizers, summary.steps)
+    logged = f"; logged to MLflow as runs:/{run.run_id}/model" if model_id else ""
+    return summary.describe() + logged
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ COMMANDS = {
 COMMAND_BLOCKS = {"bash", "sh", "console"}
 SEPARATORS = {"&&", "||", ";", "|", "&"}
 # `train.csv` and the like name files, not params keys: a section name, a dot and a file type.
-FILE_NAME = re.compile(r"^[a-z_]+\.(csv|json|yaml|png|wav|md|py|parquet|db|pt|ckpt)$")
+FILE_NAME = re.compile(r"^[a-z_]+\.(csv|json|yaml|png|wav|md|py|parquet|db|pt|ckpt|safetensors)$")
 TASKS = 5
 
 

@@ -104,9 +104,15 @@ def test_a_logged_model_is_listed_with_its_metrics_and_comes_back_by_uri(tmp_pat
         assert (data / "README.md").read_text() == "the card"
         assert (data / "transformer" / "config.json").is_file()
     # each way it can go wrong is one sentence
+    other = client.create_logged_model(model.experiment_id, name="other", source_run_id=run.run_id)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "MLmodel").write_text("flavors:\n  pytorch: {}\n")
+    client.log_model_artifacts(other.model_id, str(tmp_path / "other"))
     wrong = {
         f"runs:/{run.run_id[::-1]}/model": f"cannot give runs:/{run.run_id[::-1]}/model",
-        f"runs:/{run.run_id}/README.md": "is not a model the train stage of this project logged",
+        f"runs:/{run.run_id}/README.md": "logged no model named 'README.md'",  # a run artifact
+        f"runs:/{run.run_id}/other": "is not a model the train stage of this project logged",
+        "models:/nobody/1": "cannot give models:/nobody/1",
     }
     for uri, message in wrong.items():
         with pytest.raises(tracking.TrackingError, match=message) as info:

@@ -178,6 +178,8 @@ class Progress:
             self.bar.set_postfix_str(
                 " ".join(f"{m} {v:.3f}" for m, v in losses.items()) + f", {rate:.1f} samples/s"
             )
+            if done == self.last:  # the rate of the steps, not of the validation after them
+                self.bar.close()
         due = done % (self.every * self.LINE_EVERY) == 0 or done == self.last
         if self.lines and (due or not self.shown):
             self.shown = True
