@@ -272,7 +272,7 @@ def evidence(project: Path, stages: list[str]) -> dict[str, str]:
     if "tokenize" in stages and tokens.is_file():
         found["tokenize"] = "encoders: " + ", ".join(json.loads(tokens.read_text())["encoders"])
     metrics = project / "reports" / "train" / "metrics.json"
-    meta = project / "models" / "transformer" / "meta.json"
+    meta = project / "models" / "transformer" / "config.json"
     if "train" in stages and metrics.is_file() and meta.is_file():
         gib = json.loads(metrics.read_text()).get("gpu_mem_gib")
         precision = json.loads(meta.read_text()).get("precision")

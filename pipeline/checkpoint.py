@@ -32,8 +32,12 @@ that interprets the bytes, and it refuses on its own anything the scan missed. `
 then flattens the nestings (`{"state_dict": ...}`, `{"model": ...}`, DDP's `module.` and
 torch.compile's `_orig_mod.` prefixes) to the tensors.
 
-The project's own checkpoints are a folder with `weights.pt` (an unwrapped state dict) and
-`meta.json` (model config, layout, step, source revision, sha256).
+Saving. The project's own checkpoints are a folder with `model.safetensors` (the unwrapped state
+dict in the safetensors format: a JSON header and raw tensor bytes, nothing to execute),
+`config.json` (everything that rebuilds the model: its config, layout, step, source revision,
+and the sha256 of the weights) and, for the models a user takes away, a `README.md` model card.
+Folders of the layout before it (`weights.pt` + `meta.json`) still load, through `safe_load`;
+`visual-echoes export` rewrites them in the current layout.
 """
 
 from __future__ import annotations
@@ -57,7 +61,11 @@ from torch import nn
 from pipeline import io
 from pipeline.errors import PipelineError
 
-WEIGHTS_NAME = "weights.pt"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+# The layout before safetensors: read, never written.
+LEGACY_WEIGHTS_NAME, LEGACY_CONFIG_NAME = "weights.pt", io.META_NAME
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _ZIP_MAGIC = b"PK\x03\x04"
 # The legacy format is five pickles in a row (magic number, protocol, system info, the object,
@@ -221,12 +229,15 @@ class StateDict:
 
 
 def read_state_dict(path: str | Path) -> StateDict:
-    """Load a weights file safely and return its flat state dict.
+    """Load a weights file safely and return its flat state dict: a torch.save file as the module
+    doc says, a `.safetensors` file by `read_safetensors`.
 
     Raises CheckpointError with one sentence for a missing, truncated, non-checkpoint or
     code-carrying (unsafe pickle) file.
     """
     path = Path(path)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
     tensors = _flatten(safe_load(path))
     if not tensors:
         raise CheckpointError(f"checkpoint {path} holds no tensors")
@@ -364,27 +375,120 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def save(folder: str | Path, model: nn.Module, meta: Mapping[str, Any]) -> Path:
-    """Write `weights.pt` (unwrapped state dict) and `meta.json` (with its sha256) atomically."""
+def save(
+    folder: str | Path, model: nn.Module, config: Mapping[str, Any], card: str | None = None
+) -> Path:
+    """Write `model.safetensors` (the unwrapped state dict), `config.json` (`config` and the
+    weights' sha256) and, given `card`, `README.md`, each atomically; files of the legacy layout
+    in `folder` are removed. Returns `folder`."""
+    return save_tensors(folder, unwrap(model).state_dict(), config, card)
+
+
+def save_tensors(
+    folder: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    card: str | None = None,
+) -> Path:
+    """`save` for a state dict already at hand."""
+    from safetensors.torch import save_file
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / WEIGHTS_NAME
     with io.atomic_path(weights) as tmp:
-        torch.save(unwrap(model).state_dict(), tmp)
-    io.write_json(folder / io.META_NAME, {**meta, "weights_sha256": io.sha256_file(weights)})
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"format": "pt"})  # fmt: skip
+    write_config(folder, {**config, "weights_sha256": io.sha256_file(weights)}, card)
     return folder
 
 
-def load(folder: str | Path) -> tuple[StateDict, dict[str, Any]]:
-    """Read a project checkpoint folder: (state dict, meta). Checks the recorded sha256."""
+def copy(src: str | Path, dst: str | Path) -> Path:
+    """The checkpoint folder `src`, either layout, written to `dst` in the current one (weights
+    checked and, from a legacy folder, converted; the card kept). Returns `dst`."""
+    src, dst = Path(src), Path(dst)
+    config = read_config(src)
+    card = (src / CARD_NAME).read_text() if (src / CARD_NAME).is_file() else None
+    if not weights_path(src).is_file():  # a folder with a config only (Griffin-Lim's vocoder)
+        dst.mkdir(parents=True, exist_ok=True)
+        write_config(dst, config, card)
+        return dst
+    state, config = load(src)
+    return save_tensors(dst, state.tensors, config, card)
+
+
+def write_config(folder: str | Path, config: Mapping[str, Any], card: str | None = None) -> None:
+    """`config.json` (and `README.md` given `card`) of a checkpoint folder without weights of
+    its own (Griffin-Lim's vocoder), or after `save` wrote them; legacy files are removed."""
     folder = Path(folder)
-    meta_path = folder / io.META_NAME
-    if not meta_path.is_file():
-        raise CheckpointError(f"{folder} is not a checkpoint folder (no {io.META_NAME})")
-    meta = io.read_json(meta_path)
-    state = read_state_dict(folder / WEIGHTS_NAME)
-    if meta.get("weights_sha256") not in (None, state.sha256):
-        raise CheckpointError(
-            f"{folder / WEIGHTS_NAME} does not match the sha256 in {io.META_NAME}"
-        )
-    return state, meta
+    io.write_json(folder / CONFIG_NAME, dict(config))
+    if card is not None:
+        write_card(folder, card)
+    for name in (LEGACY_WEIGHTS_NAME, LEGACY_CONFIG_NAME):
+        (folder / name).unlink(missing_ok=True)
+
+
+def write_card(folder: str | Path, card: str) -> Path:
+    """The model card `README.md` of a checkpoint folder (`pipeline.cards`), atomically."""
+    path = Path(folder) / CARD_NAME
+    io.write_bytes(path, card.encode())
+    return path
+
+
+def config_path(folder: str | Path) -> Path | None:
+    """The `config.json` of a checkpoint folder, or the `meta.json` of a legacy one; None when
+    `folder` holds neither."""
+    for name in (CONFIG_NAME, LEGACY_CONFIG_NAME):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def read_config(folder: str | Path, what: str = "checkpoint") -> dict[str, Any]:
+    """The config of a checkpoint folder (see `config_path`); CheckpointError naming `what`
+    when there is none or it is not JSON."""
+    path = config_path(folder)
+    if path is None:
+        raise CheckpointError(f"{folder} is not a {what} folder (no {CONFIG_NAME})")
+    try:
+        config = io.read_json(path)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{path} is not JSON ({_first_sentence(err)})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return config
+
+
+def weights_path(folder: str | Path) -> Path:
+    """The weights file of a checkpoint folder, in the layout its config file says."""
+    legacy = config_path(folder) == Path(folder) / LEGACY_CONFIG_NAME
+    return Path(folder) / (LEGACY_WEIGHTS_NAME if legacy else WEIGHTS_NAME)
+
+
+def read_safetensors(path: str | Path) -> StateDict:
+    """The tensors of a safetensors file, on the CPU. Reading one parses a JSON header and
+    copies bytes: nothing in it is executed. CheckpointError for a missing or corrupt file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        first = _first_sentence(err)
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({first})") from None
+    return StateDict(tensors, io.sha256_file(path), str(path))
+
+
+def load(folder: str | Path, what: str = "checkpoint") -> tuple[StateDict, dict[str, Any]]:
+    """Read a project checkpoint folder, current or legacy layout: (state dict, config). Checks
+    the recorded sha256; CheckpointError (one sentence naming `what`) for a folder that is not
+    one, weights that are missing, corrupt, unsafe or not the ones the config was written with."""
+    config = read_config(folder, what)
+    path = weights_path(folder)
+    state = read_state_dict(path)
+    if config.get("weights_sha256") not in (None, state.sha256):
+        raise CheckpointError(f"{path} does not match the sha256 in {config_path(folder).name}")
+    return state, config

@@ -68,8 +68,12 @@ class PathsConfig:
     extract: str = doc("extract output: Parquet shards of frames and mels per split, meta.json.")
     tokenizers: str = doc("tokenizers output: image/ and audio/ checkpoint folders (+ vocoder/).")
     tokens: str = doc("tokenize output: {train,test}/part-NNNNN.parquet of ids + meta.json.")
-    transformer: str = doc("train output: the transformer's weights.pt + meta.json.")
-    evaluator: str = doc("evaluator output: the offline evaluator's weights.pt + meta.json.")
+    transformer: str = doc(
+        "train output: the transformer's model.safetensors + config.json + README.md (card)."
+    )
+    evaluator: str = doc(
+        "evaluator output: the offline evaluator's model.safetensors + config.json."
+    )
     cache: str = doc("Scratch space for resumable work; never a DVC output.")
     reports: str = doc("Per-stage reports (summaries, plots) that DVC tracks as metrics/plots.")
 
@@ -466,8 +470,11 @@ class TrainConfig:
     eval_every: int = doc("Steps between validation losses on the test split (0: at the end).")
     eval_mask_ratios: tuple[float, ...] = doc("Fixed mask ratios of the validation loss.")
     eval_examples: int = doc("Test clips used for validation (0: all).")
-    figure_every: int = doc("Steps between reconstruction figures (0: at the end only).")
-    figure_examples: int = doc("Test clips in each reconstruction figure.")
+    figure_every: int = doc(
+        "Steps between the reconstruction figure and audio samples logged to MLflow (0: at the "
+        "end only)."
+    )
+    figure_examples: int = doc("Test clips in each reconstruction figure and set of audio samples.")
     checkpoint_every: int = doc("Steps between checkpoints reported to Ray Train.")
     keep_checkpoints: int = doc("Checkpoints kept in storage_path (CheckpointConfig.num_to_keep).")
 

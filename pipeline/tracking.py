@@ -311,6 +311,20 @@ class StageRun:
             lambda: self._sender.client.log_batch(self.run_id, tags=batch),
         )
 
+    def log_model(self, name: str, folder: str | Path, step: int = 0) -> str | None:
+        """Log the exported model in `folder` (`pipeline.bundle`) as this run's MLflow logged
+        model `name`, linked to the run's metrics at `step`: the UI lists it with them and
+        `runs:/<run_id>/<name>` names it (see `log_bundle`). Returns its model id; None when the
+        server stopped answering (the call is written to the unsent file instead)."""
+        logged: dict[str, str] = {}
+
+        def call() -> None:
+            client, run_id = self._sender.client, self.run_id
+            logged["id"] = log_bundle(client, run_id, name, Path(folder), step)
+
+        self._sender.send("model", {"name": name, "path": str(folder), "step": step}, call)
+        return logged.get("id")
+
     def handle(self) -> dict[str, str]:
         """What another process needs to log into this run (see `RunLogger`)."""
         handle = {"tracking_uri": self._sender.uri, "run_id": self.run_id}
@@ -677,3 +691,133 @@ def search_runs(experiment: str, uri: str) -> list[dict[str, Any]] | None:
         token = page.token
         if not token:
             return out
+
+
+# ------------------------------------------------------------------- models: log and fetch
+
+PYFUNC_LOADER = "pipeline.inference.pyfunc"  # its `_load_pyfunc(data_path)` serves the model
+MODEL_URI_SCHEMES = ("runs", "models")
+
+
+def log_bundle(client: Any, run_id: str, name: str, folder: Path, step: int) -> str:
+    """Log `folder` as the logged model `name` of run `run_id` through `client`: an MLflow
+    python_function model whose data is the folder, read back by `PYFUNC_LOADER` (no pickle), with
+    the run's params, linked to the run as an output at `step` with the run's metrics of that
+    step (as MLflow's own `log_model` links them: the same values and times, so the run's
+    history gains no entry). Returns the model id; a failure leaves the model marked FAILED and
+    raises."""
+    import tempfile
+    from importlib import metadata
+
+    import mlflow.pyfunc
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
+    from mlflow.models import Model
+
+    run = client.get_run(run_id)
+    model = client.create_logged_model(
+        run.info.experiment_id, name=name, source_run_id=run_id, params=run.data.params
+    )
+    try:
+        with tempfile.TemporaryDirectory(prefix="ve-mlflow-model-") as tmp:
+            local = Path(tmp) / name
+            # Requirements are named, not inferred: inferring them loads the model in a child.
+            pins = [f"{pkg}=={metadata.version(pkg)}" for pkg in ("torch", "safetensors", "numpy")]
+            mlflow.pyfunc.save_model(
+                str(local),
+                loader_module=PYFUNC_LOADER,
+                data_path=str(folder),
+                pip_requirements=pins,
+                mlflow_model=Model(
+                    artifact_path=model.artifact_location, run_id=run_id, model_id=model.model_id
+                ),
+            )
+            client.log_model_artifacts(model.model_id, str(local))
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+        linked = [
+            Metric(m.key, m.value, m.timestamp, m.step, model_id=model.model_id)
+            for key in run.data.metrics
+            for m in client.get_metric_history(run_id, key)
+            if m.step == step
+        ]
+        client.log_batch(run_id, metrics=linked)
+    except BaseException:
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    return model.model_id
+
+
+def is_model_uri(text: str) -> bool:
+    """Whether `text` names an MLflow model (`runs:/<run_id>/<name>`, `models:/<name>/<version>`,
+    `models:/<model_id>`) rather than a folder."""
+    return urlsplit(str(text)).scheme in MODEL_URI_SCHEMES
+
+
+def download_model(uri: str, dst: str | Path, repo_root: str | Path | None = None) -> Path:
+    """Download the logged model `uri` from the tracking server of `tracking_uri(repo_root)` into
+    the folder `dst`; returns the folder its data (the exported model) is in. Reads the MLmodel
+    file as YAML: nothing downloaded is imported or run. TrackingError, in one sentence, for a
+    store that is not there, a URI it does not know, or a model this project did not log."""
+    import yaml
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    store = tracking_uri(repo_root)
+    local_db = store.removeprefix("sqlite:///") if store.startswith("sqlite:///") else None
+    if local_db is not None and not Path(local_db).is_file():
+        raise TrackingError(
+            f"no MLflow store at {local_db} to find {uri} in; run the command where the "
+            "pipeline ran (its mlflow.db), or set MLFLOW_TRACKING_URI"
+        )
+    check_server(store)
+    from mlflow.tracking import MlflowClient
+
+    registry = os.environ.get("MLFLOW_REGISTRY_URI", "").strip() or store
+    client = MlflowClient(tracking_uri=store, registry_uri=registry)
+    try:
+        location = _model_location(client, uri)
+        local = Path(download_artifacts(artifact_uri=location, dst_path=str(dst)))
+    except (MlflowException, OSError) as err:
+        raise TrackingError(
+            f"MLflow at {redact(store)} cannot give {uri} ({_first_line(err)})"
+        ) from None
+    try:
+        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+        data = local / flavor["data"]
+        if flavor.get("loader_module") != PYFUNC_LOADER or not data.is_dir():
+            raise KeyError("loader_module")
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        raise TrackingError(
+            f"{uri} is not a model the train stage of this project logged (no exported model "
+            "in its MLmodel)"
+        ) from None
+    return data
+
+
+def _model_location(client: Any, uri: str) -> str:
+    """Where the artifacts of the logged model `uri` names are, found through `client` alone
+    (MLflow's own resolution of `models:/` reads the process-wide tracking URI, which may name
+    another store). MlflowException when there is no such run, model or version."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    if urlsplit(uri).scheme == "runs":
+        run_id, _, name = uri.removeprefix("runs:").strip("/").partition("/")
+        if not re.fullmatch(r"[\w.-]+", name):
+            raise MlflowException(f"{name!r} is not a model name")
+        experiment = client.get_run(run_id).info.experiment_id
+        query = f"name = '{name}' AND source_run_id = '{run_id}'"
+        found = client.search_logged_models([experiment], filter_string=query)
+        if not found:
+            raise MlflowException(f"run {run_id} logged no model named {name!r}")
+        return found[0].artifact_location
+    parts = get_model_name_and_version(client, uri)
+    if len(parts) == 1:  # models:/<model_id>
+        return client.get_logged_model(parts[0]).artifact_location
+    location = client.get_model_version_download_uri(*parts)
+    return _model_location(client, location) if is_model_uri(location) else location
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -4,7 +4,7 @@ evaluator; metrics, sample WAVs/PNGs and a Fig. 6-style figure."""
 import sys
 from pathlib import Path
 
-from pipeline import io, tracking
+from pipeline import checkpoint, tracking
 from pipeline.config import as_dict, load_params
 from pipeline.evaluation.evaluate import run_evaluate
 from pipeline.stage import stage_main
@@ -14,7 +14,7 @@ def main() -> str:
     params = load_params()
     report = Path(params.paths.reports) / "evaluate"
     logged = {"evaluate": as_dict(params.evaluate), "generate": as_dict(params.generate)}
-    meta = io.read_json(Path(params.paths.transformer) / io.META_NAME)
+    meta = checkpoint.read_config(params.paths.transformer, "transformer")
     with tracking.stage_run(
         "evaluate", params.base.experiment, logged, report, paths=params.paths
     ) as run:

@@ -21,7 +21,7 @@ import pytest
 import torch
 from official_layouts import IMAGE_SHAPE, MEL_SHAPE, digest
 
-from pipeline import checkpoint
+from pipeline import checkpoint, io
 from pipeline.checkpoint import CheckpointError, Placeholder
 from pipeline.config import VocoderConfig
 from pipeline.metrics.extractors.clip_image import ClipImageExtractor
@@ -269,3 +269,109 @@ def test_a_file_that_is_not_a_checkpoint_is_called_corrupt(tmp_path):
     for path in (text, broken_zip):
         with pytest.raises(CheckpointError, match="is corrupt or truncated"):
             checkpoint.safe_load(path)
+
+
+# ------------------------------------------------------------- the project's own model folders
+
+
+def _tiny_transformer():
+    from pipeline.models.transformer import AudioVisualTransformer
+    from pipeline.tokenizers.layout import ModalityLayout, TokenLayout
+
+    layout = TokenLayout(ModalityLayout("audio", 16, (5, 10)), ModalityLayout("image", 16, (8, 8)))
+    model_cfg = load_profile(ROOT / "profiles/tiny.yaml", ROOT / "params.yaml").model
+    torch.manual_seed(0)
+    config = {"model": dataclasses.asdict(model_cfg), "layout": layout.to_dict(), "step": 3}
+    return AudioVisualTransformer(model_cfg, layout), config
+
+
+class _Wrapper(torch.nn.Module):
+    """Stands in for DDP: the model under `.module`, its keys prefixed `module.`."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_saved_model_is_safetensors_and_rebuilds_from_its_config_alone(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from pipeline.models.transformer import AudioVisualTransformer
+
+    model, config = _tiny_transformer()
+    folder = checkpoint.save(tmp_path / "m", _Wrapper(model), config, card="# card\n")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md", "config.json", "model.safetensors"
+    ]  # fmt: skip
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert set(f.keys()) == set(model.state_dict())  # saved unwrapped: no `module.`
+        assert f.metadata() == {"format": "pt"}
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["weights_sha256"] == io.sha256_file(folder / "model.safetensors")
+    assert saved["step"] == 3
+    loaded = AudioVisualTransformer.from_pretrained(folder)
+    assert not loaded.training and _same(loaded, model)
+
+
+def test_a_legacy_folder_still_loads_and_copy_rewrites_it_as_safetensors(tmp_path):
+    import json
+
+    from pipeline.models.transformer import AudioVisualTransformer
+
+    model, config = _tiny_transformer()
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    torch.save(model.state_dict(), legacy / "weights.pt")  # what the project wrote before
+    config["weights_sha256"] = io.sha256_file(legacy / "weights.pt")
+    (legacy / "meta.json").write_text(json.dumps(config))
+    assert _same(AudioVisualTransformer.from_pretrained(legacy), model)
+    copied = checkpoint.copy(legacy, tmp_path / "new")
+    assert sorted(p.name for p in copied.iterdir()) == ["config.json", "model.safetensors"]
+    assert _same(AudioVisualTransformer.from_pretrained(copied), model)
+    assert checkpoint.read_config(copied)["step"] == 3
+    # a legacy pickle that runs code is refused on the way, not converted
+    marker = tmp_path / "ran"
+    torch.save({"w": torch.zeros(1), "x": _OpensWhenUnpickled(marker)}, legacy / "weights.pt")
+    config.pop("weights_sha256")
+    (legacy / "meta.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="was refused"):
+        checkpoint.copy(legacy, tmp_path / "other")
+    assert not marker.exists() and not (tmp_path / "other" / "model.safetensors").exists()
+
+
+def test_weights_that_are_not_safetensors_are_corrupt_and_never_unpickled(tmp_path):
+    model, config = _tiny_transformer()
+    folder = checkpoint.save(tmp_path / "m", model, {**config})
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one weight changed
+    with pytest.raises(CheckpointError, match="does not match the sha256 in config.json"):
+        checkpoint.load(folder)
+    weights.write_bytes(data[:500])
+    with pytest.raises(CheckpointError, match="is corrupt or truncated"):
+        checkpoint.load(folder)
+    marker = tmp_path / "ran"
+    torch.save({"w": torch.zeros(1), "x": _OpensWhenUnpickled(marker)}, weights)
+    checkpoint.write_config(folder, config)  # no sha: the fault is in the content
+    for path in (weights, folder):
+        with pytest.raises(CheckpointError, match="is corrupt or truncated") as info:
+            checkpoint.read_state_dict(path) if path == weights else checkpoint.load(path)
+        assert "\n" not in str(info.value)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="is not a transformer folder .no config.json."):
+        checkpoint.load(tmp_path / "empty", "transformer")
+
+
+class _OpensWhenUnpickled:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))

@@ -485,8 +485,8 @@ def test_submit_runs_tokenize_and_train_on_the_cluster(
     assert _ran(out) == ["tokenize", "train"]
     assert "2 worker(s)" in out and "train: 4 steps" in out
     assert re.search(r"submit: job visual-echoes-train-\S+ SUCCEEDED in \d+s", out)
-    model = json.loads((repo / "models/transformer/meta.json").read_text())
-    assert model["step"] == 4 and (repo / "models/transformer/weights.pt").is_file()
+    model = json.loads((repo / "models/transformer/config.json").read_text())
+    assert model["step"] == 4 and (repo / "models/transformer/model.safetensors").is_file()
     assert (repo / "reports/train/metrics.json").is_file() and (repo / "mlflow.db").is_file()
     # Checkpoints went to the storage path both nodes see, under the run's name.
     checkpoints = list((repo / "data/.cache/ray_train").glob("train-*/checkpoint_*/"))

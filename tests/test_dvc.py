@@ -84,19 +84,24 @@ def test_repro_runs_the_whole_dag(tiny_upstream, tiny_repo):
     assert (tiny_repo / "reports/extract/preview.png").stat().st_size > 1000
     assert (tiny_repo / "dvc.lock").exists()
     for modality in ("image", "audio"):
-        tok = json.loads((tiny_repo / f"models/tokenizers/{modality}/meta.json").read_text())
+        tok = json.loads((tiny_repo / f"models/tokenizers/{modality}/config.json").read_text())
         assert tok["modality"] == modality and tok["source"] == "trained"
+        card = (tiny_repo / f"models/tokenizers/{modality}/README.md").read_text()
+        assert f"# Visual Echoes {modality} tokenizer" in card and "trained by" in card
         assert (tiny_repo / f"reports/tokenizers/{modality}/reconstructions.png").exists()
-    vocoder = json.loads((tiny_repo / "models/tokenizers/vocoder/meta.json").read_text())
+    vocoder = json.loads((tiny_repo / "models/tokenizers/vocoder/config.json").read_text())
     assert vocoder["kind"] == "griffin_lim"
     tokens = json.loads((tiny_repo / "data/tokens/meta.json").read_text())
     assert tokens["layout"]["audio"]["grid"] == [5, 53]
     assert tokens["layout"]["image"]["grid"] == [8, 8]
     rows = pq.read_table(tiny_repo / "data/tokens/train/part-00000.parquet").to_pylist()
     assert len(rows) == 5 and len(rows[0]["audio_ids"]) == 265
-    model = json.loads((tiny_repo / "models/transformer/meta.json").read_text())
+    model = json.loads((tiny_repo / "models/transformer/config.json").read_text())
     assert model["step"] == 4 and model["layout"] == tokens["layout"]
-    assert (tiny_repo / "models/transformer/weights.pt").stat().st_size > 1000
+    assert model["tokenizers"] == tokens["tokenizers"]  # the hashes of the tokenizers it needs
+    assert (tiny_repo / "models/transformer/model.safetensors").stat().st_size > 1000
+    card = (tiny_repo / "models/transformer/README.md").read_text()
+    assert "## Metrics at the end of training" in card and "`loss_audio`" in card
     losses = (tiny_repo / "reports/train/loss.csv").read_text().splitlines()
     assert losses[0].startswith("step,loss,loss_audio,loss_image") and len(losses) == 3
     assert (tiny_repo / "reports/train/reconstruction.png").stat().st_size > 1000
@@ -107,7 +112,7 @@ def test_repro_runs_the_whole_dag(tiny_upstream, tiny_repo):
 def _check_evaluation_outputs(repo: Path, out: str) -> None:
     evaluator = json.loads((repo / "reports/evaluator/metrics.json").read_text())
     assert evaluator["comparable_to_paper"] is False and evaluator["test_clips"] == 4
-    assert (repo / "models/evaluator/weights.pt").is_file()
+    assert (repo / "models/evaluator/model.safetensors").is_file()
     assert (repo / "reports/evaluator/evaluator.png").stat().st_size > 1000
     metrics = json.loads((repo / "reports/evaluate/metrics.json").read_text())
     assert metrics["comparable_to_paper"] is False and metrics["clips"] == 4
@@ -121,7 +126,7 @@ def _check_evaluation_outputs(repo: Path, out: str) -> None:
     # per_class.csv: every label of each conditional task and scale, adding up to acc_local
     with open(repo / "reports/evaluate/per_class.csv", newline="") as f:
         per_class = list(csv.DictReader(f))
-    labels = json.loads((repo / "models/evaluator/meta.json").read_text())["labels"]
+    labels = json.loads((repo / "models/evaluator/config.json").read_text())["labels"]
     for task in ("image2audio", "audio2image"):
         for key in ("s3", "s1"):
             rows = [r for r in per_class if (r["task"], r["setting"]) == (task, key)]
@@ -253,7 +258,7 @@ def test_bench_accuracy_spread_reproduces_evaluate_at_seed_0(tiny_repo):
     assert f"s=3 seed 0: acc_local {metrics['image2audio']['s3']['acc_local']:.1%}" in out
     assert re.search(r"s=3 seed 1: acc_local [\d.]+%", out)
     assert re.search(r"s=3: acc_local mean [\d.]+%, sd [\d.]+% over 2 seeds", out)
-    labels = json.loads((tiny_repo / "models/evaluator/meta.json").read_text())["labels"]
+    labels = json.loads((tiny_repo / "models/evaluator/config.json").read_text())["labels"]
     assert all(re.search(rf"^ +{re.escape(label[:40])} +\d+%$", out, re.M) for label in labels)
 
 
@@ -312,6 +317,15 @@ def test_train_logged_curves_and_figures_to_mlflow(tiny_repo):
     names = {a.path for a in client.list_artifacts(run_id)}
     assert {"loss.png", "reconstruction.png"} <= names
     assert client.list_artifacts(run_id, "reconstructions")  # rank 0's figure at the end
+    # ... and sounds generated from 2 test frames (train.figure_examples), to listen to
+    samples = sorted(a.path for a in client.list_artifacts(run_id, "samples/step_0000004"))
+    assert [Path(a).suffix for a in samples] == [".png", ".wav"] * 2, samples
+    # the model, logged with its tokenizers and linked to the run's final metrics
+    experiment = client.get_run(run_id).info.experiment_id
+    (model,) = [m for m in client.search_logged_models([experiment])
+                if m.source_run_id == run_id]  # fmt: skip
+    assert model.name == "model" and str(model.status) == "READY"
+    assert {"loss_audio", "loss_image", "val/loss_audio_r70"} <= {m.key for m in model.metrics}
 
 
 def test_changing_a_logging_param_reruns_only_train_and_resumes(tiny_repo):

@@ -308,7 +308,7 @@ def test_load_refuses_a_folder_that_is_not_a_local_evaluator(tmp_path):
     checkpoint.save(tmp_path / "other", model, {"name": "transformer", "labels": ["a", "b"]})
     with pytest.raises(checkpoint.CheckpointError, match="not a local evaluator.*'transformer'"):
         LocalEvaluator.load(tmp_path / "other")
-    with pytest.raises(checkpoint.CheckpointError, match="no meta.json"):
+    with pytest.raises(checkpoint.CheckpointError, match="not a local evaluator folder"):
         LocalEvaluator.load(tmp_path / "missing")
 
 

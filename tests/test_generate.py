@@ -165,9 +165,9 @@ def test_mismatched_tokenizers_are_refused(cli, repo, tmp_path):
     shutil.copytree(repo / "models/tokenizers", other)
     # The same (fully convolutional) image VQGAN declared for 64x64 frames: an 16x16 id grid
     # instead of the 8x8 the transformer was trained on.
-    meta = json.loads((other / "image/meta.json").read_text())
+    meta = json.loads((other / "image/config.json").read_text())
     meta["input"]["shape"] = [3, 64, 64]
-    (other / "image/meta.json").write_text(json.dumps(meta))
+    (other / "image/config.json").write_text(json.dumps(meta))
     code, _, err = cli("image2audio", "--image", str(_png(tmp_path / "p.png")), "--tokenizers",
                        str(other), "--out", str(tmp_path / "o.wav"))  # fmt: skip
     assert code == 1 and "do not match" in err, err
@@ -215,3 +215,90 @@ def test_ray_data_generation_matches_the_generator(repo):
     ids = {s: np.stack([r[GenerateBatch.column("image2audio", s, "gen_audio_ids")] for r in rows])
            for s in (3.0, 1.0)}  # fmt: skip
     assert not np.array_equal(ids[3.0], ids[1.0])
+
+
+# ------------------------------------------------------------ a model taken elsewhere
+
+
+def test_an_exported_model_runs_after_being_moved_away_from_its_checkout(repo, tmp_path):
+    import json
+    import shutil
+
+    out = run_in(repo, "visual-echoes", "export", str(tmp_path / "export"))
+    assert f"-> {tmp_path / 'export'}" in out and "settings: " in out
+    moved = tmp_path / "elsewhere" / "my-model"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "export", moved)  # as a copy to another machine would
+    names = sorted(str(p.relative_to(moved)) for p in moved.rglob("*") if p.is_file())
+    assert names == [
+        "README.md",
+        *(f"tokenizers/{m}/{f}" for m in ("audio", "image")
+          for f in ("README.md", "config.json", "model.safetensors")),
+        "tokenizers/vocoder/config.json",  # Griffin-Lim in the tiny profile: no weights
+        "transformer/README.md", "transformer/config.json", "transformer/generation.json",
+        "transformer/model.safetensors",
+    ]  # fmt: skip
+    # the generation settings travel with it: those of the checkout's params.yaml
+    from pipeline.config import load_params
+
+    generate = load_params(repo / "params.yaml").generate
+    carried = json.loads((moved / "transformer/generation.json").read_text())["generate"]
+    assert carried == {k: getattr(generate, k) for k in carried} and carried["steps"] == 12
+    card = (moved / "README.md").read_text()
+    assert "## Metrics of the evaluate stage" in card and "`image2audio/s3/acc_local`" in card
+    assert "`synthetic` source" in card and "no third-party content" in card
+    # run where there is no checkout, no params.yaml and no models/ to fall back on
+    picture = _png(moved.parent / "cat.png")
+    out = run_in(moved.parent, "visual-echoes", "image2audio", "--checkpoint", "my-model",
+                 "--image", "cat.png", "--out", "cat.wav", "--steps", "3")  # fmt: skip
+    assert "image2audio: 1 file(s)" in out
+    assert "settings: my-model/transformer/generation.json" in out
+    assert "note:" not in out and (picture.parent / "cat.wav").stat().st_size > 1000
+    code = run_in(moved.parent, "visual-echoes", "export", "my-model", check=False)
+    assert "my-model exists; choose another folder, or add --overwrite" in code
+
+
+def _train_run(repo: Path) -> str:
+    import json
+
+    return json.loads((repo / "reports/train/mlflow_run.json").read_text())["run_id"]
+
+
+def test_the_model_logged_by_train_generates_by_its_runs_and_models_uri(cli, repo, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    run_id = _train_run(repo)
+    image = str(_png(tmp_path / "p.png"))
+    code, out, err = cli("image2audio", "--checkpoint", f"runs:/{run_id}/model", "--image", image,
+                         "--out", str(tmp_path / "a.wav"))  # fmt: skip
+    assert code == 0, err
+    assert "image2audio: 1 file(s)" in out and (tmp_path / "a.wav").stat().st_size > 1000
+    # the same model from the registry, once registered (as a user would in the UI)
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_run(run_id).info.experiment_id
+    (model,) = [m for m in client.search_logged_models([experiment]) if m.source_run_id == run_id]
+    if not client.search_registered_models("name = 'tiny-echoes'"):
+        client.create_registered_model("tiny-echoes")
+    version = client.create_model_version(
+        "tiny-echoes", f"models:/{model.model_id}", run_id=run_id, model_id=model.model_id
+    ).version
+    code, out, err = cli("image2audio", "--checkpoint", f"models:/tiny-echoes/{version}",
+                         "--image", image, "--out", str(tmp_path / "b.wav"))  # fmt: skip
+    assert code == 0, err
+    # same model, seed and settings: the same sound, whichever way it was found
+    assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
+    code, out, err = cli("image2audio", "--checkpoint", "runs:/0123456789abcdef/model",
+                         "--image", image, "--out", str(tmp_path / "c.wav"))  # fmt: skip
+    assert code == 1 and err.count("\n") == 1 and "cannot give runs:/0123456789abcdef/model" in err
+
+
+def test_mlflow_loads_the_logged_model_as_a_python_function(repo, tmp_path, monkeypatch):
+    import mlflow.pyfunc
+
+    monkeypatch.chdir(repo)
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(f"runs:/{_train_run(repo)}/model")
+    waves = model.predict([str(_png(tmp_path / "p.png")), str(_video(repo))])
+    assert waves.shape[0] == 2 and waves.shape[1] == pytest.approx(848 * 256, abs=512)
+    assert waves.dtype == np.float32
+    assert np.abs(waves).max() > 0

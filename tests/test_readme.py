@@ -44,7 +44,7 @@ COMMANDS = {
 COMMAND_BLOCKS = {"bash", "sh", "console"}
 SEPARATORS = {"&&", "||", ";", "|", "&"}
 # `train.csv` and the like name files, not params keys: a section name, a dot and a file type.
-FILE_NAME = re.compile(r"^[a-z_]+\.(csv|json|yaml|png|wav|md|py|parquet|db|pt|ckpt)$")
+FILE_NAME = re.compile(r"^[a-z_]+\.(csv|json|yaml|png|wav|md|py|parquet|db|pt|ckpt|safetensors)$")
 TASKS = 5
 
 
@@ -337,7 +337,7 @@ download:
 
 ```bash
 visual-echoes image2audio --image a.jpg --fast
-visual-echoes export out/
+visual-echoes publish out/
 docker build . && make deploy
 python -m stages.nothing
 NAME=1 dvc exp run -S train.nope=1
@@ -370,7 +370,7 @@ def test_each_checker_finds_its_mistake():
     assert cli_problems(BAD) == [
         "'visual-echoes image2audio --image a.jpg --fast': visual-echoes image2audio has no "
         "option '--fast'",
-        "'visual-echoes export out/': visual-echoes has no subcommand 'export'",
+        "'visual-echoes publish out/': visual-echoes has no subcommand 'publish'",
         "`--fast`: no visual-echoes subcommand has '--fast'",
     ]
     assert command_problems(BAD) == [

@@ -154,20 +154,22 @@ def test_extract_on_a_full_disk_keeps_its_chunks_and_never_writes_a_half_output(
 
 
 def test_a_checkpoint_cut_by_a_full_disk_is_never_loaded(tmp_path, monkeypatch):
+    import safetensors.torch
+
     model = torch.nn.Linear(3, 2)
     folder = checkpoint.save(tmp_path / "model", model, {"step": 1})
-    good = (folder / "weights.pt").read_bytes()
+    good = (folder / "model.safetensors").read_bytes()
     with torch.no_grad():
         model.weight.add_(1.0)
     # the weights file cannot be written: the old checkpoint stays, whole and loadable
-    monkeypatch.setattr(torch, "save", _half_then_full(torch.save))
+    monkeypatch.setattr(safetensors.torch, "save_file", _half_then_full(torch.save))
     with pytest.raises(OSError):
         checkpoint.save(folder, model, {"step": 2})
     monkeypatch.undo()
-    assert (folder / "weights.pt").read_bytes() == good
+    assert (folder / "model.safetensors").read_bytes() == good
     assert checkpoint.load(folder)[1]["step"] == 1
-    # the weights are written but not their meta.json: the pair no longer matches, and the
-    # folder is refused instead of being loaded with the wrong meta
+    # the weights are written but not their config.json: the pair no longer matches, and the
+    # folder is refused instead of being loaded with the wrong config
     monkeypatch.setattr(io, "write_json", _full)
     with pytest.raises(OSError):
         checkpoint.save(folder, model, {"step": 2})

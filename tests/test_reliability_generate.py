@@ -251,21 +251,24 @@ def test_a_transformer_checkpoint_that_does_not_fit_is_refused(cli, models, tmp_
         _transformer(folder, other)
     else:
         _transformer(folder, LAYOUT)
-    meta = json.loads((folder / "meta.json").read_text())
-    weights = folder / "weights.pt"
+    config = folder / "config.json"
+    meta = json.loads(config.read_text())
+    weights = folder / "model.safetensors"
     if case == "meta says another layout":
         meta["layout"] = other.to_dict()
     elif case == "truncated weights":
         weights.write_bytes(weights.read_bytes()[:1000])
-    elif case == "unsafe pickle":
-        torch.save({"pos_embed": torch.zeros(1), "x": Payload(marker)}, weights)
+    elif case == "unsafe pickle":  # a folder of the legacy layout, whose weights are a pickle
+        weights.unlink()
+        config = config.rename(folder / "meta.json")
+        torch.save({"pos_embed": torch.zeros(1), "x": Payload(marker)}, folder / "weights.pt")
     elif case == "no meta":
-        (folder / "meta.json").unlink()
+        config.unlink()
     elif case == "meta without layout":
         del meta["layout"]
-    if (folder / "meta.json").exists():
+    if config.exists():
         meta.pop("weights_sha256", None)  # the faults are in the content, not the hash
-        (folder / "meta.json").write_text(json.dumps(meta))
+        config.write_text(json.dumps(meta))
     Image.new("RGB", (16, 16)).save(tmp_path / "p.png")
     message = _refused(cli("image2audio", "--image", str(tmp_path / "p.png"), "--out",
                            str(tmp_path / "o.wav"), checkpoint_dir=folder), *words)  # fmt: skip

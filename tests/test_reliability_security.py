@@ -403,5 +403,6 @@ def test_a_storage_password_does_not_travel_with_the_exported_weights(tmp_path, 
         "history": {"train": [], "val": []},
     }
     reports.export_model(state, job, "run", tmp_path / "out")
-    meta = (tmp_path / "out" / "meta.json").read_text()
+    meta = (tmp_path / "out" / "config.json").read_text()
     assert "wJalr" not in meta and "s3://AKIAEXAMPLE@b/p" in meta
+    assert "wJalr" not in (tmp_path / "out" / "README.md").read_text()  # nor in the card

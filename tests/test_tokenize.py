@@ -152,7 +152,7 @@ def test_meta_round_trips_the_layout(data, run):
     assert meta["encoders"] == [f"cpu fp32 (torch {torch.__version__})"]
     for m in ("image", "audio"):
         rec = meta["tokenizers"][m]
-        assert rec["weights_sha256"] == io.sha256_file(data["tok"] / m / "weights.pt")
+        assert rec["weights_sha256"] == io.sha256_file(data["tok"] / m / "model.safetensors")
         assert rec["source"] == "random-init"
     listed = [e for entries in meta["files"].values() for e in entries]
     assert sorted(e["path"] for e in listed) == sorted(

@@ -343,3 +343,51 @@ def test_run_url_opens_the_model_training_view():
     assert tracking.run_url("https://me:pw@127.0.0.1:8443/", "7", "r") == (
         "https://me@127.0.0.1:8443/#/experiments/7/runs/r?workflowType=machine_learning"
     )
+
+
+def test_a_logged_model_is_listed_with_its_metrics_and_comes_back_by_uri(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # the store's artifact root (./mlruns) lands here
+    folder = tmp_path / "exported"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "transformer" / "config.json").write_text("{}")
+    (folder / "README.md").write_text("the card")
+    report = tmp_path / "reports" / "train"
+    with tracking.stage_run("train", "unit", {"train": {"steps": 4}}, report, tmp_path) as run:
+        run.log_metrics({"loss": 3.0}, step=2)
+        run.log_metrics({"loss": 2.5}, step=4)
+        run.log_artifact(folder / "README.md")
+        model_id = run.log_model("model", folder, step=4)
+    client = MlflowClient(tracking.tracking_uri(tmp_path))
+    model = client.get_logged_model(model_id)
+    assert (model.name, model.source_run_id, str(model.status)) == ("model", run.run_id, "READY")
+    assert model.params == {"train.steps": "4"}
+    assert [(m.key, m.value, m.step) for m in model.metrics] == [("loss", 2.5, 4)]
+    history = client.get_metric_history(run.run_id, "loss")  # linking added no entry to it
+    assert [(m.value, m.step) for m in history] == [(3.0, 2), (2.5, 4)]
+    outputs = client.get_run(run.run_id).outputs.model_outputs
+    assert [(o.model_id, o.step) for o in outputs] == [(model_id, 4)]
+    for uri in (f"runs:/{run.run_id}/model", f"models:/{model_id}"):
+        data = tracking.download_model(uri, tmp_path / uri.replace("/", "_"), tmp_path)
+        assert (data / "README.md").read_text() == "the card"
+        assert (data / "transformer" / "config.json").is_file()
+    # each way it can go wrong is one sentence
+    other = client.create_logged_model(model.experiment_id, name="other", source_run_id=run.run_id)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "MLmodel").write_text("flavors:\n  pytorch: {}\n")
+    client.log_model_artifacts(other.model_id, str(tmp_path / "other"))
+    wrong = {
+        f"runs:/{run.run_id[::-1]}/model": f"cannot give runs:/{run.run_id[::-1]}/model",
+        f"runs:/{run.run_id}/README.md": "logged no model named 'README.md'",  # a run artifact
+        f"runs:/{run.run_id}/other": "is not a model the train stage of this project logged",
+        "models:/nobody/1": "cannot give models:/nobody/1",
+    }
+    for uri, message in wrong.items():
+        with pytest.raises(tracking.TrackingError, match=message) as info:
+            tracking.download_model(uri, tmp_path / "x", tmp_path)
+        assert "\n" not in str(info.value)
+    with pytest.raises(tracking.TrackingError, match="no MLflow store at"):
+        tracking.download_model(f"runs:/{run.run_id}/model", tmp_path / "y", tmp_path / "other")
+    assert not (tmp_path / "other" / "mlflow.db").exists()  # looking made no store

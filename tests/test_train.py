@@ -4,6 +4,7 @@ Ray Train stage with 2 CPU workers (slow)."""
 import dataclasses
 import itertools
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,44 @@ def test_loss_falls_on_structured_tokens(tokens, tmp_path):
     assert rows[-1]["loss_image"] < rows[0]["loss_image"] - 0.2
     val = state["history"]["val"][-1]
     assert val["val/loss_audio_r50"] < 0.9 * math.log(16)
+
+
+class _Terminal:
+    """A stderr that says it is a terminal, keeping what is written (tqdm draws on it)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_is_a_bar_on_a_terminal_and_log_lines_elsewhere(tokens, tmp_path, monkeypatch,
+                                                                   caplog):  # fmt: skip
+    job = _job(tokens, steps=20, batch_size=2, log_every=1, eval_every=0, checkpoint_every=20)
+    with caplog.at_level("INFO", logger="pipeline.training.loop"):
+        run_training(job, FolderEnvironment(tmp_path / "log"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train: step")]
+    # the first logged window, every 10th, and the last: not one line per step
+    assert [line.split(",")[0] for line in lines] == [
+        "train: step 1/20", "train: step 10/20", "train: step 20/20"
+    ]  # fmt: skip
+    assert all("loss audio" in line and "samples/s" in line and "left" in line for line in lines)
+
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipeline.training.loop"):
+        run_training(job, FolderEnvironment(tmp_path / "tty"))
+    assert not [r for r in caplog.records if r.getMessage().startswith("train: step")]
+    last = terminal.text.split("\r")[-1]
+    # tqdm's own fields (count, elapsed<remaining, rate) and ours (loss per modality, samples/s)
+    assert re.match(r"train: 100%\|.*\| 20/20 \[\d\d:\d\d<00:00, +[\d.]+(s/step|step/s), ", last)
+    assert "audio " in last and "image " in last and "samples/s" in last

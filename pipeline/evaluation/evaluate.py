@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from pipeline import io
+from pipeline import checkpoint, io
 from pipeline.config import EvaluateConfig, EvaluatorConfig, GenerateConfig, PathsConfig, as_dict
 from pipeline.data.extracted import decode_row, load_meta
 from pipeline.data.token_dataset import eval_frame
@@ -204,7 +205,12 @@ def generate_and_embed(
     )
     parts = {(task_name, key): _Parts() for task_name, key, _ in runs}
     sample_rate = _vocoder_rate(tokenizers_dir)
+    clips = count if runs[0][0] == "cogenerate" else len(test)
+    desc = "evaluate " + ", ".join(f"{t} s={s:g}" if t != "cogenerate" else t for t, _, s in runs)
+    # disable=None: a bar on a terminal; under DVC the stage's log lines say what runs.
+    bar = tqdm(total=clips, desc=desc, unit="clip", disable=None)
     for batch in ds.iter_batches(batch_size=gen_cfg.batch_size, batch_format="numpy"):
+        bar.update(len(batch["row"]))
         for task_name, key, s in runs:
             col = {name: batch[GenerateBatch.column(task_name, s, name)]
                    for name in GenerateBatch.OUTPUTS}  # fmt: skip
@@ -226,17 +232,16 @@ def generate_and_embed(
                         "mel": col["gen_mel"][i], "image": col["gen_image"][i],
                         "audio_ids": col["gen_audio_ids"][i], "image_ids": col["gen_image_ids"][i],
                     }  # fmt: skip
+    bar.close()
     return {name: part.finish() for name, part in parts.items()}
 
 
 def _vocoder_rate(tokenizers_dir: Path) -> int:
-    return int(io.read_json(tokenizers_dir / "vocoder" / "meta.json")["mel"]["sample_rate"])
+    return int(checkpoint.read_config(tokenizers_dir / "vocoder", "vocoder")["mel"]["sample_rate"])
 
 
 def add_references(official: OfficialMetrics, test: TestSet, clips_dir: Path) -> None:
     """The ground-truth audio of every evaluated clip, decoded from its video (paper protocol)."""
-    from tqdm import tqdm
-
     from pipeline.evaluation.official import reference_audio
 
     manifest = io.read_table(clips_dir / "manifest.parquet", columns=["clip_id", "path"])

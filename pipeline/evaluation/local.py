@@ -162,10 +162,10 @@ class LocalEvaluator(nn.Module):
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> LocalEvaluator:
         """The evaluator stage's output folder; CheckpointError if missing or corrupt."""
-        state, meta = checkpoint.load(folder)
+        state, meta = checkpoint.load(folder, "local evaluator")
         if meta.get("name") != NAME:
             raise checkpoint.CheckpointError(
-                f"{folder} is not a local evaluator (meta.json name {meta.get('name')!r})"
+                f"{folder} is not a local evaluator (its config names {meta.get('name')!r})"
             )
         model = cls(meta["labels"], meta["embed_dim"], meta["joint_dim"])
         checkpoint.load_into(model, state, "local evaluator")

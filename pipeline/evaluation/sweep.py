@@ -152,7 +152,9 @@ def run_sweep(
             run_config=tune.RunConfig(
                 name="sweep",
                 storage_path=str((Path(paths.cache) / "ray_tune").resolve()),
-                verbose=0,
+                # Tune's trial table (grid values, metric, status) every 30 s and at the end;
+                # per-result lines (verbose 2) would flood a DVC log.
+                verbose=1,
                 callbacks=[
                     MLflowLoggerCallback(
                         tracking_uri=tracking_uri,

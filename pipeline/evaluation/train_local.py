@@ -360,7 +360,7 @@ def run_evaluator(
 ) -> EvaluatorSummary:
     """Train the offline evaluator on `extract_dir`'s train split (with the codec's
     reconstructions when `cfg.codec_augment`), score it on the test split, save it to `out_dir`
-    (with `meta` added to its meta.json) and write `report_dir`/metrics.json, history.csv and
+    (with `meta` added to its config.json) and write `report_dir`/metrics.json, history.csv and
     evaluator.png."""
     device = resolve_device(cfg.device)
     toks = load_tokenizers(tokenizers_dir, device) if cfg.codec_augment else None

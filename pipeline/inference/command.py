@@ -21,16 +21,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.config import ConfigError, GenerateConfig
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.bundle import Located
 
 AUDIO_OUT, IMAGE_OUT, MEL_OUT = ".wav", ".png", ".mel.png"
 MAX_SAMPLES = 1000
@@ -196,13 +201,22 @@ AUDIO_IN = ("audio2image", "inpaint_audio", "inpaint_image")
 
 
 def run_command(args: argparse.Namespace) -> str:
+    """Find the model (`pipeline.bundle.locate`: a folder, or an MLflow URI downloaded for the
+    run), then `generate_with` it; returns the closing line."""
+    from pipeline import bundle
+
+    _check_numbers(args)
+    with bundle.locate(args.checkpoint, args.tokenizers) as model:
+        return generate_with(args, model)
+
+
+def generate_with(args: argparse.Namespace, model: Located) -> str:
     """Check the flags and every output, load the model and the inputs, generate, write;
-    returns the closing line."""
+    returns the closing line. `model`: a `bundle.Located`."""
     from pipeline.inference import inpaint, inputs, settings
 
     task = args.task
-    _check_numbers(args)
-    found = settings.resolve(args.checkpoint, args.params)
+    found = settings.resolve(model.transformer, args.params)
     cfg = _config(args, found.config)
     image_files = inputs.list_inputs(args.image, ["image", "video"]) if task in IMAGE_IN else []
     audio_files = inputs.list_inputs(args.audio, ["audio", "video"]) if task in AUDIO_IN else []
@@ -217,7 +231,7 @@ def run_command(args: argparse.Namespace) -> str:
 
     from pipeline.inference.generate import Generator  # torch: seconds to import
 
-    generator = Generator(args.checkpoint, args.tokenizers, cfg, cfg.device)
+    generator = Generator(model.transformer, model.tokenizers, cfg, cfg.device)
     extract = generator.extract_config
     notes = [found.note] if found.note else []
     images = mels = None
@@ -307,12 +321,80 @@ def _write(
     return [p for p in (target.sound, target.image) if p is not None]
 
 
+def run_export(args: argparse.Namespace) -> str:
+    """`visual-echoes export DIR`: the model, its tokenizers, vocoder, generation settings and
+    card in one folder (`pipeline.bundle`); returns the closing line."""
+    from pipeline import bundle, checkpoint, io
+    from pipeline.config import load_params
+    from pipeline.inference import settings
+
+    out = Path(args.folder)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not args.overwrite:
+        raise OutputError(f"{out} exists; choose another folder, or add --overwrite to replace it")
+    with bundle.locate(args.checkpoint, args.tokenizers) as model:
+        found = settings.resolve(model.transformer, args.params)
+        generate = {k: getattr(found.config, k) for k in settings.MODEL_KEYS}
+        evaluation, source = None, None
+        params_file = settings.checkout_params(model.transformer)
+        if params_file is not None:
+            params = load_params(params_file)
+            source = params.download.source
+            metrics = params_file.parent / params.paths.reports / "evaluate" / "metrics.json"
+            config = checkpoint.config_path(model.transformer)
+            # metrics of an evaluate run older than the model are another model's
+            if metrics.is_file() and metrics.stat().st_mtime >= config.stat().st_mtime:
+                evaluation = io.read_json(metrics)
+        tmp = io.make_temp_dir(out)
+        try:
+            bundle.write_bundle(tmp, model.transformer, model.tokenizers,
+                                generate if found.note is None else None, evaluation, source)  # fmt: skip
+            if found.note is None:  # the paper's defaults are no setting of this model's
+                settings.write_generation(tmp / bundle.TRANSFORMER, found.config)
+            io.replace_dir(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    if found.note:
+        print(f"visual-echoes: note: {found.note}", file=sys.stderr)
+    return (
+        f"export: {model.source} -> {out} (settings: {found.source}; evaluate metrics "
+        f"{'included' if evaluation else 'not known'}); generate with `visual-echoes "
+        f"image2audio --checkpoint {out} --image IMAGE`"
+    )
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--checkpoint and --tokenizers: which model a command loads (`pipeline.bundle.locate`)."""
+    p.add_argument(
+        "--checkpoint",
+        default="models/transformer",
+        help="the train stage output, an exported folder (visual-echoes export), or a model "
+        "the train stage logged to MLflow: runs:/RUN_ID/model, models:/NAME/VERSION",
+    )
+    p.add_argument(
+        "--tokenizers",
+        help="the tokenizers stage output (default: the exported folder's own, else "
+        "models/tokenizers)",
+    )
+
+
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    """Register the generation subcommands on the `visual-echoes` parser."""
+    """Register the generation subcommands and `export` on the `visual-echoes` parser."""
+    e = sub.add_parser(
+        "export",
+        help="the model, tokenizers, vocoder and card in one folder to copy elsewhere",
+        description="Write the transformer, both tokenizers, the vocoder, the generation "
+        "settings (from the checkout's params.yaml) and a model card into FOLDER; "
+        "`visual-echoes image2audio --checkpoint FOLDER` then runs on any machine.",
+    )
+    e.add_argument("folder", help="the folder to write (new or empty)")
+    add_model_arguments(e)
+    e.add_argument("--params", help="take the generation settings from this file's generate:")
+    e.add_argument("--overwrite", action="store_true", help="replace FOLDER if it exists")
+    e.set_defaults(func=run_export)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--checkpoint", default="models/transformer", help="train stage output")
-        p.add_argument("--tokenizers", default="models/tokenizers", help="tokenizers output")
+        add_model_arguments(p)
         p.add_argument("--out", help="output file (one input, one sample) or folder")
         p.add_argument("--overwrite", action="store_true",
                        help="let an output replace one of the inputs")  # fmt: skip

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import checkpoint, io
+from pipeline import checkpoint
 from pipeline.config import ExtractConfig, GenerateConfig
 from pipeline.devices import choose_precision, resolve_device
 from pipeline.errors import PipelineError
@@ -67,10 +67,11 @@ class Generator:
         self.cfg = cfg
         self.device = resolve_device(device or cfg.device)
         transformer_dir, tokenizers_dir = Path(transformer_dir), Path(tokenizers_dir)
-        if not (transformer_dir / io.META_NAME).is_file():
+        if checkpoint.config_path(transformer_dir) is None:
             raise GenerateError(
-                f"{transformer_dir} is not a transformer checkpoint (no {io.META_NAME}); "
-                "point --checkpoint at the train stage output (models/transformer)"
+                f"{transformer_dir} is not a transformer checkpoint (no {checkpoint.CONFIG_NAME}); "
+                "point --checkpoint at the train stage output (models/transformer), an exported "
+                "model or an MLflow model URI"
             )
         try:
             model, self.meta = load_transformer(transformer_dir, self.device)

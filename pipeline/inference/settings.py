@@ -77,7 +77,7 @@ def resolve(checkpoint: str | Path, params: str | Path | None = None) -> Setting
     beside = Path(checkpoint) / GENERATION_NAME
     if beside.is_file():
         return Settings(read_generation(beside), str(beside))
-    for found in (_checkout_params(Path(checkpoint)), Path(PARAMS_FILE)):
+    for found in (checkout_params(Path(checkpoint)), Path(PARAMS_FILE)):
         if found is not None and found.is_file():
             return Settings(load_params(found).generate, str(found))
     p = PAPER
@@ -90,7 +90,7 @@ def resolve(checkpoint: str | Path, params: str | Path | None = None) -> Setting
     )
 
 
-def _checkout_params(checkpoint: Path) -> Path | None:
+def checkout_params(checkpoint: Path) -> Path | None:
     """The params.yaml of the checkout whose `paths.transformer` is `checkpoint`, if any."""
     target = checkpoint.resolve()
     for folder in target.parents:

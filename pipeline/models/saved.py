@@ -1,4 +1,5 @@
-"""Loading an exported transformer (`models/transformer/`): it rebuilds from its meta.json alone."""
+"""Loading a saved transformer (`models/transformer/`, or the `transformer/` of an exported
+model): it rebuilds from its config.json alone (`pipeline.checkpoint`, either layout)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from pipeline.tokenizers.layout import TokenLayout
 def load_transformer(
     folder: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[AudioVisualTransformer, dict[str, Any]]:
-    """Rebuild the exported model from its meta.json alone and load the weights strictly."""
-    state, meta = checkpoint.load(folder)
+    """Rebuild the saved model from its config alone and load the weights strictly: (model in
+    eval mode on `device`, config). CheckpointError for a folder that is not one, or weights
+    that do not fit; KeyError or TypeError for a config without the model or layout."""
+    state, config = checkpoint.load(folder, "transformer")
     model = AudioVisualTransformer(
-        ModelConfig(**meta["model"]), TokenLayout.from_dict(meta["layout"])
+        ModelConfig(**config["model"]), TokenLayout.from_dict(config["layout"])
     )
     checkpoint.load_into(model, state, "transformer", drop_prefixes=())
-    return model.to(device).eval(), meta
+    return model.to(device).eval(), config

@@ -6,10 +6,13 @@ modality embedding, added before the encoder and again before the decoder. The e
 ViT blocks) sees only the kept positions; before the decoder every dropped or masked position is
 replaced by one learnable mask embedding shared by both modalities. The head is MAGE's MlmLayer
 (Linear → GELU → LayerNorm) and the logits are the dot product with the modality's embedding
-table (codes only, no [MASK] row) plus a bias. No loss, no I/O: see `pipeline.training.objective`.
+table (codes only, no [MASK] row) plus a bias. No loss, no I/O: see `pipeline.training.objective`
+for the loss and `pipeline.models.saved` for the reading `from_pretrained` hands on.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +120,16 @@ class AudioVisualTransformer(nn.Module):
         )
         self.register_buffer("modality_index", modality, persistent=False)
         self.reset_parameters()
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, device: str | torch.device = "cpu"
+    ) -> AudioVisualTransformer:
+        """The model saved in `folder` (model.safetensors + config.json), rebuilt from its
+        config alone, in eval mode on `device`. The reading is `pipeline.models.saved`'s."""
+        from pipeline.models.saved import load_transformer
+
+        return load_transformer(folder, device)[0]
 
     def reset_parameters(self) -> None:
         """MAGE's init: xavier-uniform Linear weights, zero biases, N(0, 0.02) embeddings."""

@@ -474,8 +474,9 @@ def _tokenizer_record(folder: Path, tok: Tokenizer) -> dict[str, Any]:
     meta = tok.meta
     record = {
         "source": meta.get("source", ""),
-        "weights_sha256": meta.get("weights_sha256") or io.sha256_file(folder / "weights.pt"),
-        "meta_sha256": io.sha256_file(folder / "meta.json"),
+        "weights_sha256": meta.get("weights_sha256")
+        or io.sha256_file(checkpoint.weights_path(folder)),
+        "meta_sha256": io.sha256_file(checkpoint.config_path(folder)),
         "input": {"kind": tok.spec.kind, "shape": list(tok.spec.shape)},
     }
     if meta.get("pretrained_sha256"):
@@ -513,8 +514,8 @@ def _run_key(extract_dir: Path, tokenizers_dir: Path, cfg: TokenizeConfig) -> st
     digest = hashlib.sha256()
     for path in (
         extract_dir / io.META_NAME,
-        tokenizers_dir / "image" / "meta.json",
-        tokenizers_dir / "audio" / "meta.json",
+        checkpoint.config_path(tokenizers_dir / "image"),
+        checkpoint.config_path(tokenizers_dir / "audio"),
     ):
         digest.update(path.read_bytes())
     digest.update(json.dumps([cfg.precision, cfg.batch_size]).encode())

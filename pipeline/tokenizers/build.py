@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline import cards, checkpoint, io
 from pipeline.config import TokenizersConfig
 from pipeline.data import extracted
 from pipeline.devices import resolve_device
@@ -72,7 +73,7 @@ def run_tokenizers(
     """Import or train both tokenizers into `out_dir/{image,audio}`, the vocoder into
     `out_dir/vocoder` (for the mel settings `extract_dir`'s meta.json records)."""
     start = time.monotonic()
-    if not (extract_dir / "meta.json").is_file():
+    if not (extract_dir / io.META_NAME).is_file():
         raise PipelineError(f"{extract_dir} has no meta.json: run the extract stage first")
     specs = input_specs(extract_dir)
     device = resolve_device(cfg.device)
@@ -109,6 +110,7 @@ def run_tokenizers(
         )
         metrics.update({f"{modality}_{k}": float(v) for k, v in scores.items()})
         tok.save(out_dir / modality, extra={"test_metrics": scores})
+        checkpoint.write_card(out_dir / modality, cards.tokenizer_card(tok.meta))
         pictures += sorted(report.glob("*.png"))
     vocoder = build_vocoder(cfg.vocoder, extracted.settings(extracted.load_meta(extract_dir)))
     vocoder.save(out_dir / "vocoder", extra={"source": cfg.vocoder.melgan or "griffin_lim"})

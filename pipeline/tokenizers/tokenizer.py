@@ -1,9 +1,11 @@
 """A trained or imported VQGAN with its input convention: the unit the pipeline tokenizes with.
 
-A tokenizer folder (`<paths.tokenizers>/<modality>/`) holds `weights.pt` and `meta.json` with the
-VQGAN config, the input spec and where the weights came from. `Tokenizer.load` rebuilds the model
-from meta alone. Images enter as uint8 (B, H, W, 3) and mels as [0, 1] float (B, 80, 848); both
-are mapped to [-1, 1] as taming and SpecVQGAN expect. Ids leave flat, row-major: (B, rows * cols).
+A tokenizer folder (`<paths.tokenizers>/<modality>/`) holds `model.safetensors`, `config.json`
+with the VQGAN config, the input spec and where the weights came from, and a `README.md` model
+card (`pipeline.checkpoint`; folders of the legacy `weights.pt` + `meta.json` layout load too).
+`Tokenizer.load` rebuilds the model from the config alone. Images enter as uint8 (B, H, W, 3)
+and mels as [0, 1] float (B, 80, 848); both are mapped to [-1, 1] as taming and SpecVQGAN
+expect. Ids leave flat, row-major: (B, rows * cols).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline import checkpoint, io
+from pipeline import checkpoint
 from pipeline.config import VQGANArch
 from pipeline.tokenizers.layout import MODALITIES, ModalityLayout
 from pipeline.tokenizers.vqgan import VQGANConfig, VQModel
@@ -102,6 +104,8 @@ class Tokenizer:
         return ((out[:, 0] + 1.0) / 2.0).float().cpu().numpy()
 
     def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write the tokenizer folder: weights and config (`meta` with `extra`, the VQGAN config
+        and the input spec); the tokenizers stage adds the card (`pipeline.cards`)."""
         meta = {
             **self.meta,
             **(extra or {}),
@@ -114,8 +118,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> Tokenizer:
-        """Rebuild from `meta.json` and load `weights.pt` strictly."""
-        state, meta = checkpoint.load(folder)
+        """Rebuild from the folder's config and load its weights strictly."""
+        state, meta = checkpoint.load(folder, "tokenizer")
         cfg_dict = dict(meta["vqgan"])
         for key in ("ch_mult", "attn_resolutions"):
             cfg_dict[key] = tuple(cfg_dict[key])
@@ -133,7 +137,7 @@ def load_tokenizers(folder: str | Path, device: str | torch.device = "cpu") -> d
     out = {}
     for modality in MODALITIES:
         sub = Path(folder) / modality
-        if not (sub / io.META_NAME).is_file():
+        if checkpoint.config_path(sub) is None:
             raise checkpoint.CheckpointError(
                 f"{sub} is not a tokenizer folder; run the tokenizers stage first"
             )

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import checkpoint, io
+from pipeline import checkpoint
 from pipeline.config import ExtractConfig, VocoderConfig
 from pipeline.data import audio
 
@@ -103,8 +103,9 @@ class MelGANGenerator(nn.Module):
 class Vocoder:
     """[0, 1] mels (80, T) -> waveforms at the mel's sample rate, by MelGAN or Griffin-Lim.
 
-    A vocoder folder holds `meta.json` (`kind`: "melgan" or "griffin_lim", and the mel settings
-    as an ExtractConfig) and, for MelGAN, `weights.pt`.
+    A vocoder folder holds `config.json` (`kind`: "melgan" or "griffin_lim", and the mel settings
+    as an ExtractConfig) and, for MelGAN, `model.safetensors` (`pipeline.checkpoint`; the
+    legacy `meta.json` + `weights.pt` load too).
     """
 
     def __init__(self, mel: ExtractConfig, generator: MelGANGenerator | None, iters: int = 32):
@@ -138,20 +139,16 @@ class Vocoder:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / checkpoint.WEIGHTS_NAME).unlink(missing_ok=True)
-        io.write_json(folder / io.META_NAME, meta)
+        checkpoint.write_config(folder, meta)
         return folder
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> Vocoder:
-        folder = Path(folder)
-        meta_path = folder / io.META_NAME
-        if not meta_path.is_file():
-            raise checkpoint.CheckpointError(f"{folder} is not a vocoder folder (no meta.json)")
-        meta = io.read_json(meta_path)
+        meta = checkpoint.read_config(folder, "vocoder")
         mel = ExtractConfig(**meta["mel"])
         if meta["kind"] != "melgan":
             return cls(mel, None, int(meta.get("griffin_lim_iters", 32)))
-        state, meta = checkpoint.load(folder)
+        state, meta = checkpoint.load(folder, "vocoder")
         cfg = meta["melgan"]
         generator = MelGANGenerator(MelGANConfig(**{**cfg, "ratios": tuple(cfg["ratios"])}))
         checkpoint.load_into(generator, state, "MelGAN vocoder", drop_prefixes=())

@@ -12,6 +12,7 @@ interrupted one would have been.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -25,6 +26,8 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline import checkpoint, io
 from pipeline.config import ModelConfig, TrainConfig
@@ -149,6 +152,49 @@ def _all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str
     return dict(zip(keys, (t / dist.get_world_size()).tolist(), strict=True))
 
 
+class Progress:
+    """What rank 0 shows while training: on a terminal a tqdm bar (step, loss per modality,
+    samples/s, ETA); elsewhere (a DVC log, a Ray worker's output) a log line at the first logged
+    window, every `LINE_EVERY`-th one and the last."""
+
+    LINE_EVERY = 10
+
+    def __init__(self, start: int, last: int, log_every: int, rank: int) -> None:
+        # disable=None: tqdm draws only on a terminal; other ranks draw nothing.
+        self.bar = tqdm(total=last, initial=start, desc="train", unit="step",
+                        disable=None if rank == 0 else True, dynamic_ncols=True)  # fmt: skip
+        self.lines = rank == 0 and self.bar.disable
+        self.start, self.last, self.every = start, last, log_every
+        self.began, self.shown = time.monotonic(), False
+
+    def update(self) -> None:
+        self.bar.update(1)
+
+    def logged(self, done: int, metrics: dict[str, float]) -> None:
+        """Show the window of training metrics that ends at step `done`."""
+        losses = {m: metrics.get(f"loss_{m}", math.nan) for m in MODALITIES}
+        rate = metrics.get("samples_per_s", math.nan)
+        if not self.bar.disable:
+            self.bar.set_postfix_str(
+                " ".join(f"{m} {v:.3f}" for m, v in losses.items()) + f", {rate:.1f} samples/s"
+            )
+            if done == self.last:  # the rate of the steps, not of the validation after them
+                self.bar.close()
+        due = done % (self.every * self.LINE_EVERY) == 0 or done == self.last
+        if self.lines and (due or not self.shown):
+            self.shown = True
+            elapsed = time.monotonic() - self.began
+            left = (self.last - done) * elapsed / max(1, done - self.start)
+            log.info(
+                "train: step %d/%d, loss audio %.4f image %.4f, %.1f samples/s, %s left",
+                done, self.last, losses["audio"], losses["image"], rate,
+                tqdm.format_interval(left),
+            )  # fmt: skip
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
@@ -249,47 +295,54 @@ def run_training(
         }
 
     net.train()
-    for step in range(start, last):
-        torch.manual_seed(step_seed(job.seed, step, env.rank, DROPOUT_STREAM))
-        g = torch.Generator().manual_seed(step_seed(job.seed, step, env.rank, MASK_STREAM))
-        batch = mask_for_training(layout, sampler.batch(train_split, step), cfg.masking, g)
-        loss, parts, grad_norm = train_step(
-            net, model, batch.to(device), opt, scaler, cfg, precision
-        )
-        lr = schedule.get_last_lr()[0]
-        schedule.step()
-        window.add({"loss": loss, **parts, "grad_norm": grad_norm, "lr": lr})
-
-        done = step + 1
-        if done % cfg.log_every == 0 or done == last:
-            metrics = _all_reduce_mean(window.means(), device)
-            seconds = time.monotonic() - window.start
-            samples = window.count * cfg.batch_size
-            metrics |= {
-                "samples_per_s": samples / seconds,
-                "tokens_per_s": samples * tokens_per_sample / seconds,
-                "epoch": sampler.epoch(done),
-            }
-            if (mem := _memory_gib(device)) is not None:
-                metrics["gpu_mem_gib"] = mem
-            if env.rank == 0:
-                history["train"].append({"step": done, **metrics})
-                if on_log:
-                    on_log(done, metrics)
-            window = Window()
-
-        if env.rank == 0 and (_due(done, cfg.eval_every) or done == cfg.steps):
-            val = validate(model, test_split, layout, cfg, device, precision, job.seed)
-            history["val"].append({"step": done, **val})
-            if on_log:
-                on_log(done, val)
-        if env.rank == 0 and on_figure and (_due(done, cfg.figure_every) or done == cfg.steps):
-            on_figure(done, model, test_split)
-        if _due(done, cfg.checkpoint_every) or done == last:
-            env.report(
-                {"step": done, "loss": float(loss)},
-                snapshot(done) if env.rank == 0 else None,
+    progress = Progress(start, last, cfg.log_every, env.rank)
+    # Log records go above the bar instead of through it.
+    redirect = logging_redirect_tqdm() if not progress.bar.disable else contextlib.nullcontext()
+    with redirect:
+        for step in range(start, last):
+            torch.manual_seed(step_seed(job.seed, step, env.rank, DROPOUT_STREAM))
+            g = torch.Generator().manual_seed(step_seed(job.seed, step, env.rank, MASK_STREAM))
+            batch = mask_for_training(layout, sampler.batch(train_split, step), cfg.masking, g)
+            loss, parts, grad_norm = train_step(
+                net, model, batch.to(device), opt, scaler, cfg, precision
             )
+            lr = schedule.get_last_lr()[0]
+            schedule.step()
+            window.add({"loss": loss, **parts, "grad_norm": grad_norm, "lr": lr})
+            progress.update()
+
+            done = step + 1
+            if done % cfg.log_every == 0 or done == last:
+                metrics = _all_reduce_mean(window.means(), device)
+                seconds = time.monotonic() - window.start
+                samples = window.count * cfg.batch_size
+                metrics |= {
+                    "samples_per_s": samples / seconds,
+                    "tokens_per_s": samples * tokens_per_sample / seconds,
+                    "epoch": sampler.epoch(done),
+                }
+                if (mem := _memory_gib(device)) is not None:
+                    metrics["gpu_mem_gib"] = mem
+                if env.rank == 0:
+                    history["train"].append({"step": done, **metrics})
+                    progress.logged(done, metrics)
+                    if on_log:
+                        on_log(done, metrics)
+                window = Window()
+
+            if env.rank == 0 and (_due(done, cfg.eval_every) or done == cfg.steps):
+                val = validate(model, test_split, layout, cfg, device, precision, job.seed)
+                history["val"].append({"step": done, **val})
+                if on_log:
+                    on_log(done, val)
+            if env.rank == 0 and on_figure and (_due(done, cfg.figure_every) or done == cfg.steps):
+                on_figure(done, model, test_split)
+            if _due(done, cfg.checkpoint_every) or done == last:
+                env.report(
+                    {"step": done, "loss": float(loss)},
+                    snapshot(done) if env.rank == 0 else None,
+                )
+    progress.close()
     if start >= last:  # nothing left to do: report the restored state as the result
         env.report({"step": start}, snapshot(start) if env.rank == 0 else None)
     return snapshot(max(start, last))

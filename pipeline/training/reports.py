@@ -1,5 +1,7 @@
-"""What training leaves behind besides checkpoints: MLflow logging from rank 0, the exported
-model folder, and the DVC reports (metrics JSON, loss/validation CSVs for `dvc plots`, figures).
+"""What training leaves behind besides checkpoints: MLflow logging from rank 0 (metrics, and every
+`figure_every` steps a reconstruction figure and a few generated sounds, WAV + mel PNG, under
+`reconstructions/` and `samples/step_NNNNNNN/`), the saved model folder with its card, and the DVC
+reports (metrics JSON, loss/validation CSVs for `dvc plots`, figures).
 
 reports/train/
     metrics.json        last logged training window + last validation, step, run name
@@ -20,10 +22,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import checkpoint, io, tracking
+from pipeline import cards, checkpoint, io, tracking
 from pipeline.config import MaskingConfig, as_dict
+from pipeline.data import audio
 from pipeline.data.token_dataset import TokenSplit
+from pipeline.data.tokens import load_token_meta
+from pipeline.inference.scheduler import Unmasker, UnmaskingScheduler
+from pipeline.inference.tasks import task
 from pipeline.models.transformer import AudioVisualTransformer, count_parameters
+from pipeline.tokenizers.layout import TokenLayout
+from pipeline.tokenizers.vocoder import Vocoder
 from pipeline.training import figures
 from pipeline.training.loop import TrainJob
 
@@ -42,6 +50,9 @@ LOSS_COLUMNS = (
 )
 # Mask ratio of the reconstruction figures: the training distribution's location.
 FIGURE_SEED = 1234
+# How the audio samples of training are decoded: a fixed, short schedule, so that the samples of
+# two steps differ only by the model (the sweep and evaluate stages measure the real settings).
+SAMPLE_SCHEDULE = UnmaskingScheduler(steps=12, temperature=1.0, guidance=3.0)
 
 
 def figure_ratio(masking: MaskingConfig) -> float:
@@ -59,19 +70,60 @@ def _tokenizers_if_any(folder: str | Path) -> dict[str, Any] | None:
         return None
 
 
+def _vocoder_if_any(folder: str | Path) -> Vocoder | None:
+    """The tokenizers' vocoder on CPU, or None when `folder` lacks it (no audio samples then)."""
+    try:
+        return Vocoder.load(Path(folder) / "vocoder")
+    except checkpoint.CheckpointError as err:
+        log.warning("no audio samples: %s", err)
+        return None
+
+
+@torch.no_grad()
+def write_audio_samples(
+    model: nn.Module,
+    split: TokenSplit,
+    layout: TokenLayout,
+    tokenizers: dict[str, Any],
+    vocoder: Vocoder,
+    folder: Path,
+    examples: int,
+    seed: int,
+    device: torch.device | str,
+) -> list[Path]:
+    """Sound generated for `examples` clips of `split` (spread as in the reconstruction figure)
+    from their evaluation frame alone, by `SAMPLE_SCHEDULE`: `<folder>/<k>-<label>.wav` and
+    `.mel.png` each. The same model, split and seed give the same files. Returns the WAVs."""
+    index = torch.linspace(0, len(split) - 1, min(examples, len(split))).round().long()
+    ids = {m: v.to(device) for m, v in split.eval_take(index).items()}
+    spec = task("image2audio", layout)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    unmasker = Unmasker(model, layout, SAMPLE_SCHEDULE)
+    filled = unmasker.run(ids, spec.batch_known(len(index), device), generator, spec.condition)
+    mels = tokenizers["audio"].decode(filled["audio"].cpu())
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k, (i, mel) in enumerate(zip(index.tolist(), mels, strict=True)):
+        label = "".join(c if c.isalnum() else "_" for c in str(split.labels[i]))[:40]
+        wav = folder / f"{k}-{label}.wav"
+        audio.save_wav(wav, vocoder(mel, seed=seed), vocoder.mel.sample_rate)
+        audio.save_mel_png(folder / f"{k}-{label}.mel.png", mel, title=str(split.labels[i]))
+        written.append(wav)
+    return written
+
+
 class WorkerHooks:
-    """Rank-0 callbacks of `run_training`: metrics and figures to the stage's MLflow run."""
+    """Rank-0 callbacks of `run_training`: metrics, figures and audio samples to the stage's
+    MLflow run."""
 
     def __init__(self, job: TrainJob, device: torch.device) -> None:
         self.job, self.device = job, device
         self.logger = tracking.RunLogger(**job.tracking) if job.tracking else None
         self._tokenizers: dict[str, Any] | None = None
+        self._vocoder: Vocoder | None = None
         self._tokenizers_loaded = False
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        if step == self.job.train.log_every or step % (self.job.train.log_every * 10) == 0:
-            shown = {k: round(v, 4) for k, v in metrics.items() if "loss" in k}
-            log.info("train: step %d %s", step, shown)
         if self.logger is not None:
             self.logger.log_metrics(metrics, step=step)
 
@@ -80,9 +132,11 @@ class WorkerHooks:
             return
         if not self._tokenizers_loaded:
             self._tokenizers = _tokenizers_if_any(self.job.tokenizers_dir)
+            self._vocoder = _vocoder_if_any(self.job.tokenizers_dir)
             self._tokenizers_loaded = True
         if self._tokenizers is None:
             return
+        examples = self.job.train.figure_examples or 4
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"reconstruction_step{step:07d}.png"
             figures.make_reconstruction(
@@ -91,25 +145,33 @@ class WorkerHooks:
                 self.job.token_layout,
                 self._tokenizers,
                 path,
-                examples=self.job.train.figure_examples,
+                examples=examples,
                 ratio=figure_ratio(self.job.train.masking),
                 seed=FIGURE_SEED,
                 device=self.device,
                 title=f"step {step}: masked {figure_ratio(self.job.train.masking):.0%} of each",
             )
             self.logger.log_artifact(path, artifact_path="reconstructions")
+            if self._vocoder is not None:
+                samples = Path(tmp) / f"step_{step:07d}"
+                write_audio_samples(model, test_split, self.job.token_layout, self._tokenizers,
+                                    self._vocoder, samples, examples, FIGURE_SEED, self.device)  # fmt: skip
+                self.logger.log_artifacts(samples, artifact_path=f"samples/{samples.name}")
 
 
 def export_model(
     state: dict[str, Any], job: TrainJob, name: str, out_dir: Path
 ) -> AudioVisualTransformer:
-    """Write the unwrapped weights + meta.json (config, layout, step, metrics, commit)."""
+    """Write `out_dir`: the unwrapped weights, config.json (model config, layout, the tokenizers'
+    hashes, step, metrics, commit) and the model card."""
     model = AudioVisualTransformer(job.model, job.token_layout)
     model.load_state_dict(state["model"])
     history = state["history"]
+    _, tokens = load_token_meta(job.tokens_dir)
     meta = {
         "model": as_dict(job.model),
         "layout": job.layout,
+        "tokenizers": tokens.get("tokenizers", {}),
         "step": int(state["step"]),
         "parameters": count_parameters(model),
         "precision": state.get("precision", "fp32"),
@@ -125,7 +187,7 @@ def export_model(
         },
     }
     tmp = io.make_temp_dir(out_dir)
-    checkpoint.save(tmp, model, meta)
+    checkpoint.save(tmp, model, meta, cards.transformer_card(meta, tokens))
     io.replace_dir(tmp, out_dir)
     return model
 
