@@ -280,7 +280,6 @@ class EvaluateSummary:
     report_dir: Path
     seconds: float
 
-    @property
     def describe(self, experiment: str, uri: str) -> str:
         """The stage's closing lines: the headline and where everything is."""
         report = self.report_dir
