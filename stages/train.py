@@ -23,6 +23,7 @@ def main() -> str:
             out,
             report,
             tracking=run.handle(),
+            cluster_wait_s=params.base.cluster_wait_s,
         )
         for name in ("loss.png", "reconstruction.png"):
             run.log_artifact(report / name)

@@ -171,8 +171,9 @@ def test_bench_accuracy_spread_reproduces_evaluate_at_seed_0(tiny_repo):
     assert all(re.search(rf"^ +{re.escape(label[:40])} +\d+%$", out, re.M) for label in labels)
 
 
-# Read by every stage but no input of any: where the runs are logged, and resumable scratch.
-UNDECLARED = {"base.experiment", "paths.cache"}
+# Read by every stage but no input of any: where the runs are logged, resumable scratch, and how
+# long a stage waits for an autoscaling cluster.
+UNDECLARED = {"base.experiment", "paths.cache", "base.cluster_wait_s"}
 
 
 def _covers(declared: str, key: str) -> bool:
