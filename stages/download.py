@@ -14,7 +14,9 @@ def main() -> str:
     cfg, clips = params.download, Path(params.paths.clips)
     report = Path(params.paths.reports) / "download"
     with tracking.stage_run("download", params.base.experiment, as_dict(cfg), report) as run:
-        summary = run_download(cfg, clips, seed=params.base.seed)
+        summary = run_download(
+            cfg, clips, seed=params.base.seed, cluster_wait_s=params.base.cluster_wait_s
+        )
         run.log_metrics(summary.metrics())
         run.set_tags({"source": summary.source, "yt_dlp": summary.ytdlp_version})
         io.write_json(report / "summary.json", summary.metrics())
