@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 IN_FLIGHT_PER_NODE = 2  # shards queued on a node: it never waits for the driver between two
 READY_TIMEOUT_S = 120.0  # a node whose actor does not start in this time is left out
 PLACE_TIMEOUT_S = 10.0  # nodes that are up take a placement group at once
+CLOSE_TIMEOUT_S = 30.0
 
 
 class Downloader:
@@ -68,6 +69,11 @@ class Downloader:
             if record is not None:
                 record.node = self.node
         return records, self.run.report()
+
+    def close(self) -> None:
+        """Close the yt-dlp sessions and delete this node's private cookie copies."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.run.close()
 
 
 def alive_cpu_nodes() -> list[str]:
@@ -215,6 +221,9 @@ def fetch_on_nodes(
                 feed()
         finally:
             progress.close()
+            # Closing deletes each node's cookie copies; a node that is gone has nothing to close.
+            closing = [a.close.remote() for n, a in actors.items() if stopped.get(n) != "lost"]
+            ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
             for downloader in actors.values():
                 ray.kill(downloader)
             if group is not None:
