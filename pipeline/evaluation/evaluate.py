@@ -242,6 +242,8 @@ def generate_and_embed(
         batch_size=gen_cfg.batch_size,
         batch_format="numpy",
     )
+    if runs[0][0] != "cogenerate":  # the driver needs no input back (but the paper's CS frame)
+        ds = ds.drop_columns(["mel"] if official else ["mel", "image"])
     parts = {(task_name, key): _Parts() for task_name, key, _ in runs}
     sample_rate = _vocoder_rate(tokenizers_dir)
     for batch in ds.iter_batches(batch_size=gen_cfg.batch_size, batch_format="numpy"):
@@ -249,7 +251,9 @@ def generate_and_embed(
             col = {name: batch[GenerateBatch.column(task_name, s, name)]
                    for name in GenerateBatch.OUTPUTS}  # fmt: skip
             part = parts[(task_name, key)]
-            part.rows.append(batch["row"])
+            # Copies: a column of a batch Ray hands back is a view that keeps the whole batch's
+            # buffers alive (every generated mel of every batch, until the end).
+            part.rows.append(np.array(batch["row"]))
             part.seconds += float(col["seconds"].sum())
             if official and (task_name, key) in official:
                 for wave, image, row in zip(col["gen_wave"], batch["image"], batch["row"],
@@ -264,9 +268,9 @@ def generate_and_embed(
             for i, row in enumerate(batch["row"]):
                 if int(row) in examples_at:
                     part.examples[int(row)] = {
-                        "mel": col["gen_mel"][i], "image": col["gen_image"][i],
-                        "audio_ids": col["gen_audio_ids"][i], "image_ids": col["gen_image_ids"][i],
-                    }  # fmt: skip
+                        name: np.array(col[f"gen_{name}"][i])
+                        for name in ("mel", "image", "audio_ids", "image_ids")
+                    }
     return {name: part.finish() for name, part in parts.items()}
 
 
