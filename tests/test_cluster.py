@@ -397,8 +397,9 @@ def test_submit_runs_tokenize_and_train_on_the_cluster(
     """`visual-echoes submit --in-place train` on a copy of conftest's `tiny_upstream` (clips,
     extracted data and tokenizers made locally): tokenize (Ray Data) and train (2 Ray Train
     workers, one per node) as one job; then a params change and `submit train` reruns only
-    train. Download, extract and tokenizers use Ray nowhere; evaluator, sweep and evaluate add
-    minutes and nothing cluster-specific (tests/test_dvc.py runs the whole DAG locally)."""
+    train. Download and extract on the cluster are the tests below; evaluator, sweep and
+    evaluate add minutes and nothing cluster-specific (tests/test_dvc.py runs the whole DAG
+    locally)."""
     from pipeline.training.loop import STATE_NAME
 
     env = _job_env(monkeypatch)
