@@ -35,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from pipeline.config import as_dict
-    from pipeline.evaluation.evaluate import load_test_set, test_rows
+    from pipeline.evaluation.evaluate import evaluated_rows, load_test_set
     from pipeline.evaluation.local import LocalEvaluator
     from pipeline.inference.generate import GenerateBatch
     from pipeline.metrics.math import accuracy, confusion_matrix
@@ -43,7 +43,7 @@ def main() -> None:
     params = load_params()
     paths, gen_cfg = params.paths, params.generate
     evaluator = LocalEvaluator.load(paths.evaluator)
-    rows = test_rows(paths.extract, params.evaluate.max_clips)
+    rows = evaluated_rows(paths.extract, params.evaluate.max_clips)
     test = load_test_set(paths.extract, evaluator, rows, keep=set(range(len(rows))))
     frames = test.frames(list(range(len(test))))
     labels = evaluator.label_index(test.labels)

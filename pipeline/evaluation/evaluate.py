@@ -66,7 +66,7 @@ def spread(n: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
 
 
-def test_rows(extract_dir: str | Path, max_clips: int = 0) -> np.ndarray:
+def evaluated_rows(extract_dir: str | Path, max_clips: int = 0) -> np.ndarray:
     """Which test clips are evaluated: `max_clips` of them spread over the split (0: all), as
     indices in clip_id order."""
     n = split_size(load_meta(Path(extract_dir)), "test")
@@ -101,8 +101,8 @@ class TestSet:
 def load_test_set(
     extract_dir: str | Path, evaluator: LocalEvaluator, rows: np.ndarray, keep: set[int]
 ) -> TestSet:
-    """Stream the test clips at `rows` (`test_rows`) through `evaluator`; keep the inputs of the
-    positions in `keep`."""
+    """Stream the test clips at `rows` (`evaluated_rows`) through `evaluator`; keep the inputs
+    of the positions in `keep`."""
     out = split_outputs(evaluator, read_chunks(extract_dir, "test", rows.tolist()), keep=keep)
     ref = reference_of(evaluator, out.labels, out.audio, out.image)
     return TestSet(out.clip_ids, out.labels, ref, out.kept)
@@ -395,7 +395,7 @@ def run_evaluate(
     extract_dir, tokenizers_dir = Path(paths.extract), Path(paths.tokenizers)
     device = resolve_device(evaluator_cfg.device)
     evaluator = LocalEvaluator.load(paths.evaluator, device)
-    rows = test_rows(extract_dir, cfg.max_clips)
+    rows = evaluated_rows(extract_dir, cfg.max_clips)
     examples_at = example_rows(len(rows), cfg)
     test = load_test_set(extract_dir, evaluator, rows, examples_at)
     ref = test.ref

@@ -22,7 +22,7 @@ import numpy as np
 from pipeline import io
 from pipeline.config import SWEEP_METRICS, GenerateConfig, PathsConfig, SweepConfig
 from pipeline.errors import PipelineError
-from pipeline.evaluation.evaluate import load_test_set, test_rows
+from pipeline.evaluation.evaluate import evaluated_rows, load_test_set
 from pipeline.evaluation.local import LocalEvaluator
 from pipeline.evaluation.scoring import Reference
 
@@ -125,7 +125,7 @@ def run_sweep(
     # The subset and the evaluator's view of its real clips are the same for every trial.
     # Only the shards that hold them are read, and only these clips decoded.
     evaluator = LocalEvaluator.load(paths.evaluator)
-    rows = test_rows(paths.extract, cfg.clips)
+    rows = evaluated_rows(paths.extract, cfg.clips)
     test = load_test_set(paths.extract, evaluator, rows, keep=set(range(len(rows))))
     frames, ref = test.frames(list(range(len(test)))), test.ref
     with ray_session():
