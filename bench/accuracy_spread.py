@@ -35,15 +35,17 @@ def main() -> None:
     args = ap.parse_args()
 
     from pipeline.config import as_dict
-    from pipeline.evaluation.evaluate import load_test_set
+    from pipeline.evaluation.evaluate import evaluated_rows, load_test_set
     from pipeline.evaluation.local import LocalEvaluator
     from pipeline.inference.generate import GenerateBatch
     from pipeline.metrics.math import accuracy, confusion_matrix
 
     params = load_params()
     paths, gen_cfg = params.paths, params.generate
-    test = load_test_set(paths.extract, params.evaluate.max_clips)
     evaluator = LocalEvaluator.load(paths.evaluator)
+    rows = evaluated_rows(paths.extract, params.evaluate.max_clips)
+    test = load_test_set(paths.extract, evaluator, rows, keep=set(range(len(rows))))
+    frames = test.frames(list(range(len(test))))
     labels = evaluator.label_index(test.labels)
     scales = [float(s) for s in args.guidance or params.evaluate.guidance]
     runs = [("image2audio", s) for s in scales]
@@ -57,7 +59,7 @@ def main() -> None:
     for i in range(args.seeds):
         generate.seed = params.base.seed + i * SEED_STRIDE
         start = time.perf_counter()
-        batches = [generate({"image": test.frames[row : row + bs],
+        batches = [generate({"image": frames[row : row + bs],
                              "row": np.arange(row, min(row + bs, n))})
                    for row in range(0, n, bs)]  # fmt: skip
         for s in scales:

@@ -1,7 +1,8 @@
 """Sizing of the paper run on VGGSound: disk, work and wall time per stage, and what bounds each.
 
     .venv/bin/python bench/plan_vggsound.py [--train-clips 183730] [--test-clips 15446]
-        [--download-workers 4] [--head-cores 32] [--v100 32] [--h100 8] [--epochs 1000] ...
+        [--download-nodes 16] [--download-workers 4] [--extract-cores 128] [--v100 32]
+        [--h100 8] [--epochs 1000] ...
 
 A calculator, not a measurement: it multiplies per-clip and per-sample figures by the clip
 counts and prints a Markdown table. Each default below names its source: measured in
@@ -46,6 +47,7 @@ CLIP_MB = 0.8  # assumed: 10 s of <=360p H.264 (~0.5 Mbit/s) + AAC (128 kbit/s)
 # the bare ffmpeg decode. Decoding scales with source pixels: x3 for VGGSound's 640x360.
 EXTRACT_MS_PER_CLIP = 83.8 * (640 * 360) / (320 * 240)
 FRAME_KB = 16.4  # assumed: a 256x256 JPEG at quality 90, ~2 bits per pixel
+EXTRACT_CORES = 16 * 8  # infra/: extract's tasks on the CPU group, 16 x m5.2xlarge (8 vCPU)
 
 # tokenize: bench/README.md, official-size encoders on an H200 in fp32 (batch 64): 212 images/s
 # and 169 mels/s. V100 has no TF32/bf16, so fp32; its fp32 peak is 15.7 TFLOP/s against the
@@ -117,7 +119,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-clips", type=int, default=TRAIN_CLIPS)
     p.add_argument("--test-clips", type=int, default=TEST_CLIPS)
     p.add_argument(
-        "--download-workers", type=int, default=4, help="params: download.vggsound.workers"
+        "--download-nodes",
+        type=int,
+        default=16,
+        help="nodes that download, each its own IP (profiles/paper.yaml: download.ray.nodes)",
+    )
+    p.add_argument(
+        "--download-workers", type=int, default=4, help="per node: download.vggsound.workers"
     )
     p.add_argument("--fetch-s", type=float, default=FETCH_S, help="seconds to fetch one clip")
     p.add_argument("--sleep-s", type=float, default=SLEEP_S, help="mean pause before a clip")
@@ -126,7 +134,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clip-mb", type=float, default=CLIP_MB, help="MB per downloaded clip")
     p.add_argument("--extract-ms", type=float, default=EXTRACT_MS_PER_CLIP, help="CPU ms/clip")
     p.add_argument("--frame-kb", type=float, default=FRAME_KB, help="KB per stored JPEG frame")
-    p.add_argument("--head-cores", type=int, default=32, help="cores of the node running extract")
+    p.add_argument(
+        "--extract-cores",
+        type=int,
+        default=EXTRACT_CORES,
+        help="cores extract's tasks run on (executor: ray; local: the one machine's)",
+    )
     p.add_argument("--images-per-s", type=float, default=IMAGES_PER_S_H200)
     p.add_argument("--mels-per-s", type=float, default=MELS_PER_S_H200)
     p.add_argument("--v100-fp32-slowdown", type=float, default=V100_FP32_SLOWDOWN)
@@ -143,7 +156,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gen-clips-per-s", type=float, default=GEN_CLIPS_PER_S_H100)
     args = p.parse_args(argv)
     for name in (
-        "train_clips", "test_clips", "download_workers", "head_cores", "v100", "h100", "global_batch"
+        "train_clips", "test_clips", "download_nodes", "download_workers", "extract_cores",
+        "v100", "h100", "global_batch",
     ):  # fmt: skip
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -162,15 +176,17 @@ def plan(args: argparse.Namespace) -> list[Row]:
 
     per_clip_s = args.fetch_s + args.sleep_s + args.requests_per_clip * args.sleep_requests_s
     worker_h = clips * per_clip_s / 3600
+    nodes = args.download_nodes
     rows.append(
         Row(
             "download",
             clips * args.clip_mb * 1e6 / GB,
             worker_h,
             "worker-h",
-            worker_h / args.download_workers,
-            f"{args.download_workers} yt-dlp workers, one IP",
-            "YouTube's pacing and rate limits per IP (more workers trip bot checks), not bandwidth",
+            worker_h / (args.download_workers * nodes),
+            f"{nodes} node(s) x {args.download_workers} yt-dlp workers, one IP each",
+            "YouTube's pacing and rate limits per IP (more workers per IP trip bot checks; more "
+            "nodes add IPs), not bandwidth",
         )
     )
 
@@ -183,8 +199,8 @@ def plan(args: argparse.Namespace) -> list[Row]:
             clips * extract_bytes / GB,
             cpu_h,
             "CPU-h",
-            cpu_h / args.head_cores,
-            f"{args.head_cores} cores of the head",
+            cpu_h / args.extract_cores,
+            f"{args.extract_cores} cores (Ray tasks)",
             "CPU: the ffmpeg decode (extract costs about a bare decode)",
         )
     )

@@ -56,10 +56,17 @@ def doc(text: str, **kwargs: Any) -> Any:
 class BaseConfig:
     seed: int = doc("Seed for every random choice in the pipeline.")
     experiment: str = doc("MLflow experiment that every stage logs its run into.")
+    cluster_wait_s: float = doc(
+        "Seconds a stage waits for an autoscaling Ray cluster to add what it asks for, after "
+        "asking its autoscaler: GPUs (tokenize, train, sweep, evaluate), download.ray.nodes "
+        "nodes, a CPU for extract's tasks; 0: fail at once when they are not there (a fixed "
+        "cluster, a laptop). It changes no result, so no stage declares it in dvc.yaml."
+    )
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, "seed", "must be a non-negative integer")
         _check(bool(self.experiment.strip()), "experiment", "must not be empty")
+        _check(0 <= self.cluster_wait_s <= 86_400, "cluster_wait_s", "must be between 0 and 86400")
 
 
 @dataclass(frozen=True)
@@ -181,6 +188,23 @@ class LocalConfig:
 
 
 @dataclass(frozen=True)
+class DownloadRayConfig:
+    """How `executor: ray` spreads the vggsound download over the cluster's nodes."""
+
+    nodes: int = doc(
+        "Nodes that download, one downloader actor (1 CPU, its own yt-dlp sessions, pacing and "
+        "back-off: its own IP) on each (0: every node with a free CPU)."
+    )
+    shard_clips: int = doc(
+        "Clips handed to a node at a time; a lost node's unfinished shard goes to the others."
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.nodes >= 0, "nodes", "must be 0 (every node) or positive")
+        _check(1 <= self.shard_clips <= 10_000, "shard_clips", "must be between 1 and 10000")
+
+
+@dataclass(frozen=True)
 class DownloadConfig:
     source: Literal["synthetic", "vggsound", "local"] = doc("Where the clips come from.")
     limit: int = doc("Take at most this many clips (0: all).")
@@ -190,9 +214,24 @@ class DownloadConfig:
     synthetic: SyntheticConfig = doc("Settings of the procedural dataset.")
     vggsound: VGGSoundConfig = doc("Settings of the YouTube download.")
     local: LocalConfig = doc("Settings of a folder of the user's own videos.")
+    # The two below have defaults for code that builds a section itself (params.yaml must still
+    # name them); the values are params.yaml's.
+    executor: Literal["local", "ray"] = doc(
+        "local: `vggsound.workers` threads on this machine; ray: that many on each of "
+        "`ray.nodes` nodes of the Ray cluster (vggsound only).",
+        default="local",
+    )
+    ray: DownloadRayConfig = doc(
+        "Settings of `executor: ray`.", default_factory=lambda: DownloadRayConfig(0, 16)
+    )
 
     def __post_init__(self) -> None:
         _check(self.limit >= 0, "limit", "must be 0 (all) or positive")
+        _check(
+            self.executor == "local" or self.source == "vggsound",
+            "executor",
+            f"'ray' fans out the vggsound source only; use 'local' for source {self.source!r}",
+        )
         _check(
             bool(self.splits) and set(self.splits) <= {"train", "test"},
             "splits",
@@ -214,7 +253,13 @@ class ExtractConfig:
     fmax: float = doc("Highest mel frequency in Hz (SpecVQGAN: 7600).")
     mel_frames: int = doc("Mel frames kept after the centre crop (SpecVQGAN VGGSound: 848).")
     rows_per_shard: int = doc("Clips per Parquet shard.")
-    workers: int = doc("Parallel clip workers (0: one per core).")
+    workers: int = doc("Parallel clip workers of `executor: local` (0: one per core).")
+    executor: Literal["local", "ray"] = doc(
+        "local: a process pool on this machine; ray: one Ray task (1 CPU) per clip over the "
+        "cluster's nodes, the same code and byte-identical shards. Neither changes the data "
+        "(the default is for sections saved before it existed: tokenizers' vocoder meta.json).",
+        default="local",
+    )
 
     def __post_init__(self) -> None:
         _check(1 <= self.num_frames <= 64, "num_frames", "must be between 1 and 64")
@@ -638,7 +683,7 @@ class SweepConfig:
     temperature: tuple[float, ...] = doc("Grid of T.")
     steps: tuple[int, ...] = doc("Grid of N.")
     guidance: tuple[float, ...] = doc("Grid of s.")
-    clips: int = doc("Test clips each trial generates for (the first, in clip_id order).")
+    clips: int = doc("Test clips each trial generates for, spread over the test split.")
     metric: str = doc("The metric that picks the best setting (a key of a trial's result).")
     mode: Literal["min", "max"] = doc("Whether the metric is better low or high.")
     cpus_per_trial: float = doc("CPUs each Ray Tune trial reserves.")

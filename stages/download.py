@@ -16,7 +16,9 @@ def main() -> str:
     with tracking.stage_run(
         "download", params.base.experiment, as_dict(cfg), report, paths=params.paths
     ) as run:
-        summary = run_download(cfg, clips, seed=params.base.seed)
+        summary = run_download(
+            cfg, clips, seed=params.base.seed, cluster_wait_s=params.base.cluster_wait_s
+        )
         run.log_metrics(summary.metrics())
         run.set_tags({"source": summary.source, "yt_dlp": summary.ytdlp_version})
         io.write_json(report / "summary.json", summary.metrics())

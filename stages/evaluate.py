@@ -21,7 +21,8 @@ def main() -> str:
         # The train stage's MLflow run carries the same `train_run` tag (the Ray Train run name).
         run.set_tags({"train_run": meta.get("run_name", ""), "comparable_to_paper": "false"})
         summary = run_evaluate(params.evaluate, params.generate, params.evaluator, params.paths,
-                               seed=params.base.seed, report_dir=report, tracking_run=run)  # fmt: skip
+                               seed=params.base.seed, report_dir=report, tracking_run=run,
+                               cluster_wait_s=params.base.cluster_wait_s)  # fmt: skip
         run.set_tags({"comparable_to_paper": str(summary.comparable_to_paper).lower()})
         for path in summary.artifacts():
             run.log_artifact(path)

@@ -22,6 +22,7 @@ def main() -> str:
             out,
             Path(params.paths.cache),
             preview_path=report / "preview.png",
+            cluster_wait_s=params.base.cluster_wait_s,
         )
         run.log_metrics(summary.metrics())
         run.log_artifact(report / "preview.png")

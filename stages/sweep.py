@@ -26,6 +26,7 @@ def main() -> str:
             experiment=params.base.experiment,
             parent_run_id=run.run_id,
             tracking_uri=tracking.tracking_uri(),
+            cluster_wait_s=params.base.cluster_wait_s,
         )
         run.log_metrics({f"best_{summary.best['metric']}": summary.best["value"]})
         run.log_params({f"best_{k}": summary.best[k] for k in ("temperature", "steps", "guidance")})

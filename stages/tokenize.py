@@ -21,6 +21,7 @@ def main() -> str:
             Path(params.paths.tokenizers),
             out,
             Path(params.paths.cache),
+            cluster_wait_s=params.base.cluster_wait_s,
         )
         run.log_metrics(summary.metrics())
         io.write_json(report / "summary.json", summary.metrics())

@@ -21,6 +21,7 @@ def main() -> str:
         summary = run_train(
             params.model, params.train, params.base.seed, Path(params.paths.tokens),
             tokenizers, out, report, tracking=run.handle(),
+            cluster_wait_s=params.base.cluster_wait_s,
         )  # fmt: skip
         for name in ("loss.png", "reconstruction.png"):
             run.log_artifact(report / name)

@@ -470,8 +470,9 @@ def test_submit_runs_tokenize_and_train_on_the_cluster(
     """`visual-echoes submit --in-place train` on a copy of conftest's `tiny_upstream` (clips,
     extracted data and tokenizers made locally): tokenize (Ray Data) and train (2 Ray Train
     workers, one per node) as one job; then a params change and `submit train` reruns only
-    train. Download, extract and tokenizers use Ray nowhere; evaluator, sweep and evaluate add
-    minutes and nothing cluster-specific (tests/test_dvc.py runs the whole DAG locally)."""
+    train. Download and extract on the cluster are the tests below; evaluator, sweep and
+    evaluate add minutes and nothing cluster-specific (tests/test_dvc.py runs the whole DAG
+    locally)."""
     from pipeline.training.loop import STATE_NAME
 
     env = _job_env(monkeypatch)
@@ -591,3 +592,175 @@ def test_submit_uploads_the_code_and_brings_the_results_back(ray_cluster, tmp_pa
     run_in(repo, "dvc", "pull", "download")
     assert len(list((repo / "data/clips").rglob("*.mp4"))) == 12
     assert "up to date" in run_in(repo, "dvc", "status", "download")
+
+
+# ----------------------------------------------- the data plane: download and extract over nodes
+
+DOWNLOAD_CLIPS = 40
+
+
+def _join(cluster: Cluster, monkeypatch) -> None:
+    """Make this test process a driver of `cluster` (the stages' `ray_session` joins it)."""
+    _job_env(monkeypatch)
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{cluster.gcs_port}")
+
+
+def _download_cfg(tmp_path: Path, url: str, nodes: int):
+    """The vggsound source over the cluster: 40 loopback clips, one worker per node, no pacing."""
+    import dataclasses
+
+    from pipeline.config import DownloadRayConfig, load_params
+
+    csv = tmp_path / "vggsound.csv"
+    csv.write_text("".join(f"vid{i:08d},{i % 20},label {i % 4},{'test' if i % 5 else 'train'}\n"
+                           for i in range(DOWNLOAD_CLIPS)))  # fmt: skip
+    base = load_params(ROOT / "params.yaml").download
+    vggsound = dataclasses.replace(
+        base.vggsound, csv=str(csv), url_template=url, format="b", workers=1,
+        sleep_requests=0.0, sleep_interval=0.0, max_sleep_interval=0.0, socket_timeout=5.0,
+        backoff_s=0.05, max_backoff_s=5.0,
+    )  # fmt: skip
+    return dataclasses.replace(base, source="vggsound", executor="ray", vggsound=vggsound,
+                               ray=DownloadRayConfig(nodes=nodes, shard_clips=4))  # fmt: skip
+
+
+class _NodeKiller:
+    """SIGKILLs node_b's downloader actor once `after` clips were asked of the server and node_b
+    has begun one; notes the finished clip files (and their inodes) at that moment."""
+
+    def __init__(self, cluster: Cluster, server, clips: Path, after: int) -> None:
+        import threading
+
+        self.cluster, self.server, self.clips, self.after = cluster, server, clips, after
+        self.killed: tuple[str, int] | None = None
+        self.done_before: dict[str, int] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        from ray.util.state import list_actors
+
+        node_b = next(n for n, name in self.cluster.nodes().items() if name == "node_b")
+        work = self.clips / ".tmp-download"
+        while not self.stop.wait(0.2):
+            asked = {r[2] for r in self.server.requests}
+            if len(asked) < self.after or not list(work.glob(f"node-{node_b[:12]}-*")):
+                continue
+            actors = list_actors(address=self.cluster.address, detail=True, filters=[
+                ("class_name", "=", "Downloader"), ("state", "=", "ALIVE")])  # fmt: skip
+            for actor in actors:
+                if actor.node_id == node_b:
+                    self.done_before = {p.name: p.stat().st_ino
+                                        for p in (self.clips / "videos").rglob("*.mp4")}  # fmt: skip
+                    os.kill(actor.pid, signal.SIGKILL)
+                    self.killed = (actor.node_id, len(asked))
+                    return
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_download_fans_out_over_the_nodes_and_survives_a_lost_node(
+    ray_cluster, download_server, tmp_path, monkeypatch, caplog
+):
+    """40 loopback clips, `executor: ray` on 2 nodes (a placement group, one downloader each);
+    node_b's actor is SIGKILLed mid-run. Every clip ends `ok` exactly once, both nodes appear in
+    the manifest, no clip finished before the kill is fetched again, and a rerun asks the server
+    for nothing."""
+    from pipeline.data import manifest
+    from pipeline.data.download import run_download, verify_clip
+
+    _join(ray_cluster, monkeypatch)
+    clips = tmp_path / "clips"
+    cfg = _download_cfg(tmp_path, download_server.url_template, nodes=2)
+    killer = _NodeKiller(ray_cluster, download_server, clips, after=12)
+    killer.thread.start()
+    try:
+        with caplog.at_level("WARNING", logger="pipeline.data.download_ray"):
+            summary = run_download(cfg, clips, seed=0)
+    finally:
+        killer.stop.set()
+        killer.thread.join(timeout=10)
+    assert killer.killed is not None, "node_b's downloader was never seen working"
+    lost, asked_at_kill = killer.killed
+    assert asked_at_kill < DOWNLOAD_CLIPS, "the kill came after the last clip"
+    assert f"node {lost[:12]}: its downloader was lost" in caplog.text
+
+    records = manifest.read_manifest(clips)
+    assert summary.ok == DOWNLOAD_CLIPS == len(records) == len({r.clip_id for r in records})
+    assert {r.status for r in records} == {"ok"}
+    nodes = ray_cluster.nodes()
+    assert {nodes.get(r.node) for r in records} == {"node_a", "node_b"}
+    for r in records:
+        assert abs(verify_clip(clips / r.path).duration_s - 10) < 0.5
+    # Nothing finished before the kill was fetched again (a refetch renames a new file in).
+    after = {p.name: p.stat().st_ino for p in (clips / "videos").rglob("*.mp4")}
+    assert killer.done_before and all(after[n] == i for n, i in killer.done_before.items())
+    assert not (clips / ".tmp-download").exists()
+
+    asked = len(download_server.requests)
+    again = run_download(cfg, clips, seed=0)
+    assert again.ok == DOWNLOAD_CLIPS and len(download_server.requests) == asked
+    assert [(r.clip_id, r.node) for r in manifest.read_manifest(clips)] == [
+        (r.clip_id, r.node) for r in records
+    ]
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_downloaders_go_one_per_node_and_a_node_count_the_cluster_lacks_fails(
+    ray_cluster, tmp_path, monkeypatch
+):
+    import ray
+
+    from pipeline.data import download_ray
+    from pipeline.data.download import DownloadError
+    from pipeline.ray_runtime import ray_session
+
+    _join(ray_cluster, monkeypatch)
+    monkeypatch.setattr(download_ray, "PLACE_TIMEOUT_S", 2.0)
+    with ray_session():
+        actors, group = download_ray.start_downloaders(
+            _download_cfg(tmp_path, "http://127.0.0.1:9/{id}.mp4", nodes=0), tmp_path, 0.0
+        )
+        try:
+            assert group is None
+            assert sorted(ray_cluster.nodes()[n] for n in actors) == ["node_a", "node_b"]
+        finally:
+            for actor in actors.values():
+                ray.kill(actor)
+        with pytest.raises(DownloadError, match=r"asks for 3 nodes .* within 2 s \(it has 2\)"):
+            download_ray.start_downloaders(
+                _download_cfg(tmp_path, "http://127.0.0.1:9/{id}.mp4", nodes=3), tmp_path, 0.0
+            )
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_extract_on_the_cluster_writes_the_local_pools_shards(
+    ray_cluster, tiny_upstream, tmp_path, monkeypatch
+):
+    """The tiny project's 12 clips extracted with `executor: ray` (one task per clip, on both
+    nodes) and with the local process pool, in the same environment (the same ffmpeg): every
+    output file is byte-identical."""
+    import dataclasses
+
+    from ray.util.state import list_tasks
+
+    from pipeline.config import load_params
+    from pipeline.data.extract import run_extract
+
+    _join(ray_cluster, monkeypatch)
+    clips = tiny_upstream.repo / "data/clips"
+    cfg = load_params(tiny_upstream.repo / "params.yaml").extract
+    local, out = tmp_path / "local", tmp_path / "ray"
+    run_extract(dataclasses.replace(cfg, workers=2), clips, local, tmp_path / "cache")
+    summary = run_extract(dataclasses.replace(cfg, executor="ray"), clips, out, tmp_path / "cache")
+    files = sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert len([f for f in files if f.suffix == ".parquet"]) >= 4
+    for name in files:
+        assert (out / name).read_bytes() == (local / name).read_bytes(), name
+    assert summary.inputs == 12
+    tasks = list_tasks(address=ray_cluster.address, detail=True, limit=1000,
+                       filters=[("func_or_class_name", "=", "_cluster_work")])  # fmt: skip
+    assert {ray_cluster.nodes().get(t.node_id) for t in tasks} == {"node_a", "node_b"}

@@ -65,6 +65,13 @@ def test_params_yaml_loads_with_the_paper_mel_defaults():
             lambda d: d["extract"].update(mel_frames=900),
             r"^extract\.mel_frames: must be between 1 and the 862",
         ),
+        (
+            lambda d: d["download"].update(executor="ray"),
+            r"^download\.executor: 'ray' fans out the vggsound source only; use 'local'",
+        ),
+        (lambda d: d["download"]["ray"].update(nodes=-1), r"^download\.ray\.nodes: must be 0"),
+        (lambda d: d["extract"].update(executor="dask"), r"^extract\.executor: must be one of"),
+        (lambda d: d["base"].update(cluster_wait_s=-5), r"^base\.cluster_wait_s: must be between"),
     ],
 )
 def test_bad_params_fail_with_one_sentence_naming_the_key(raw, edit, message):

@@ -262,8 +262,23 @@ def test_bench_accuracy_spread_reproduces_evaluate_at_seed_0(tiny_repo):
     assert all(re.search(rf"^ +{re.escape(label[:40])} +\d+%$", out, re.M) for label in labels)
 
 
-# Read by every stage but no input of any: where the runs are logged, and resumable scratch.
-UNDECLARED = {"base.experiment", "paths.cache"}
+def test_bench_memory_evaluate_does_not_grow_with_the_test_split(tiny_repo):
+    """bench/memory.py on the tiny model: evaluate's driver on 10x the test clips (the tiny test
+    clips repeated) peaks within a generous 100 MB of the small run. Before it streamed the
+    split, 400 such clips cost 351 MB more than 40 (754 -> 1105 MB, docs/benchmarks.md)."""
+    spec = importlib.util.spec_from_file_location("memory", ROOT / "bench" / "memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    small, large = (module.measure(tiny_repo, n, steps=1, guidance=3.0, batch_size=128)
+                    for n in (24, 240))  # fmt: skip
+    assert (small["clips"], large["clips"]) == (24, 240)
+    assert large["peak_rss_mb"] - small["peak_rss_mb"] < 100, (small, large)
+    assert not (tiny_repo / "data/.cache/bench-memory/extract-240").exists()
+
+
+# Read by every stage but no input of any: where the runs are logged, resumable scratch, and how
+# long a stage waits for an autoscaling cluster.
+UNDECLARED = {"base.experiment", "paths.cache", "base.cluster_wait_s"}
 
 
 def _covers(declared: str, key: str) -> bool:

@@ -53,7 +53,9 @@ from pipeline.evaluation.train_local import (
     EvaluatorError,
     held_out_metrics,
     load_clips,
+    read_chunks,
     reconstruct,
+    split_outputs,
     train_local_evaluator,
 )
 from pipeline.metrics.math import GaussianStats, confusion_matrix
@@ -259,6 +261,7 @@ def _write_extract(out_dir: Path, split: str, c: Clips) -> Path:
     pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), out_dir / "part-00000.parquet")
     meta = {
         "mel": {"shape": list(c.mels.shape[1:])},
+        "frames": {"shape": list(c.frames.shape[1:])},
         "num_frames": c.frames.shape[1],
         "shards": {split: [{"path": "part-00000.parquet", "rows": len(rows)}]},
     }
@@ -279,6 +282,45 @@ def test_load_clips_reads_the_extract_output(tmp_path, clips):
     assert first.clip_ids == test.clip_ids[::TEST_PER_CLASS]
     with pytest.raises(EvaluatorError, match="no clips in split 'train'"):
         load_clips(folder, "train")
+
+
+def test_a_train_subset_too_big_for_memory_is_refused_before_decoding(tmp_path, clips):
+    folder = _write_extract(tmp_path / "extract", "train", clips[0])
+    # 24 clips of 10 64-px frames and a float16 mel: 6.2 MB decoded.
+    with pytest.raises(EvaluatorError) as info:
+        load_clips(folder, "train", budget=10**6)
+    message = str(info.value)
+    assert message.startswith("the evaluator would hold 24 train clips in memory (0.0 GB")
+    assert "set evaluator.per_label" in message and "\n" not in message
+    capped = load_clips(folder, "train", per_label=2, budget=10**7)
+    assert len(capped) == 8 and capped.clip_ids == [
+        c for i, c in enumerate(clips[0].clip_ids) if i % TRAIN_PER_CLASS < 2
+    ]
+
+
+def test_streamed_outputs_equal_one_call_over_the_clips_in_memory(tmp_path, clips, trained):
+    """`read_chunks` + `split_outputs` (64 clips at a time, read back from the shard, only the
+    rows asked for and only their middle frame decoded) give bit for bit the outputs of one call
+    over the same clips in memory; `kept` holds the inputs of the positions asked for."""
+    model, train = trained[0], clips[0]
+    source = [i % len(train) for i in range(150)]
+    many = Clips(
+        [f"{train.clip_ids[i]}-{k:03d}" for k, i in enumerate(source)],
+        [train.labels[i] for i in source], train.frames[source], train.mels[source],
+    )  # fmt: skip
+    folder = _write_extract(tmp_path / "extract", "test", many)
+    rows = list(range(3, 150, 2))  # 74 clips: a full chunk and a short one
+    out = split_outputs(model, read_chunks(folder, "test", rows), keep={0, 70})
+    whole = load_clips(folder, "test")  # every frame decoded, as the evaluator stage did
+    frames = whole.frames[rows, eval_frame(NUM_FRAMES)]
+    assert out.clip_ids == [many.clip_ids[r] for r in rows] and len(out) == 74
+    for got, want in ((out.audio, model.audio_outputs(whole.mels[rows])),
+                      (out.image, model.image_outputs(frames))):  # fmt: skip
+        for field in ("embedding", "logits", "joint"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    assert sorted(out.kept) == [0, 70] and out.audio_codec is None
+    np.testing.assert_array_equal(out.kept[70][0], frames[70])
+    np.testing.assert_array_equal(out.kept[70][1], whole.mels[rows[70]])
 
 
 # ------------------------------------------------------------------------ the evaluator itself

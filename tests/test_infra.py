@@ -75,7 +75,11 @@ def _cluster_specs(kuberay: dict[str, list[dict]]) -> dict[str, dict]:
 
 def _gpu_limit(group: dict) -> int:
     (container,) = [c for c in group["template"]["spec"]["containers"] if c["name"] == "ray-worker"]
-    return int(container["resources"]["limits"]["nvidia.com/gpu"])
+    return int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
+
+
+def _gpu_groups(spec: dict) -> list[dict]:
+    return [g for g in spec["workerGroupSpecs"] if _gpu_limit(g)]
 
 
 # ----------------------------------------------------------------------------- cluster launcher
@@ -95,7 +99,11 @@ def test_launcher_has_a_cpu_head_v100_workers_token_auth_and_the_shared_volume(l
     head = types[launcher["head_node_type"]]
     assert head["resources"] == {"CPU": 0}
     assert head["node_config"]["InstanceType"] not in AWS_V100S
-    workers = {k: v for k, v in types.items() if k != launcher["head_node_type"]}
+    others = {k: v for k, v in types.items() if k != launcher["head_node_type"]}
+    workers = {k: v for k, v in others.items() if "GPU" in v["resources"]}
+    (cpu,) = [v for k, v in others.items() if k not in workers]  # download and extract
+    assert cpu["min_workers"] == 0 and cpu["resources"]["CPU"] >= 1
+    assert sum(w["max_workers"] for w in others.values()) <= launcher["max_workers"]
     assert {w["node_config"]["InstanceType"] for w in workers.values()} == {
         "p3.8xlarge",
         "p3.16xlarge",
@@ -142,7 +150,8 @@ def test_kuberay_manifests_have_what_the_operator_requires(kuberay):
                 assert key in group, f"{name}: worker group without {key}"
             assert isinstance(group["rayStartParams"], dict)
             assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
-            assert _gpu_limit(group) >= 1
+        assert _gpu_groups(spec), name
+        for group in _gpu_groups(spec):
             assert (
                 group["template"]["spec"]["nodeSelector"]["node.kubernetes.io/instance-type"]
                 in AWS_V100S
@@ -182,7 +191,8 @@ def test_the_rayjob_runs_the_rayclusters_pods_with_a_fixed_gpu_group(kuberay):
     head = lambda s: s["headGroupSpec"]["template"]["spec"]  # noqa: E731
     assert head(job) == head(cluster)
     assert job["headGroupSpec"]["rayStartParams"] == cluster["headGroupSpec"]["rayStartParams"]
-    for ours, theirs in zip(job["workerGroupSpecs"], cluster["workerGroupSpecs"], strict=True):
+    # The RayJob has the GPU group only: download and extract ran on the RayCluster before.
+    for ours, theirs in zip(job["workerGroupSpecs"], _gpu_groups(cluster), strict=True):
         assert ours["groupName"] == theirs["groupName"]
         assert ours["template"] == theirs["template"]
         assert (
@@ -350,7 +360,14 @@ def test_paper_profile_scales_to_the_clusters_in_infra(paper, launcher, kuberay)
         t for name, t in launcher["available_node_types"].items()
         if name != launcher["head_node_type"]
     ]  # fmt: skip
-    launcher_gpus = sum(t["max_workers"] * t["resources"]["GPU"] for t in workers)
+    launcher_gpus = sum(t["max_workers"] * t["resources"].get("GPU", 0) for t in workers)
+    cpu_nodes = sum(t["max_workers"] for t in workers if "GPU" not in t["resources"])
+    assert paper.download.executor == paper.extract.executor == "ray"
+    assert paper.download.ray.nodes <= cpu_nodes  # one downloader per CPU node
+    for name, spec in _cluster_specs(kuberay).items():
+        if name == "visual-echoes":
+            groups = [g for g in spec["workerGroupSpecs"] if not _gpu_limit(g)]
+            assert paper.download.ray.nodes <= sum(g["maxReplicas"] for g in groups)
     assert train.num_workers == launcher_gpus
     for name, spec in _cluster_specs(kuberay).items():
         gpus = sum(g["maxReplicas"] * _gpu_limit(g) for g in spec["workerGroupSpecs"])
@@ -410,6 +427,15 @@ def test_plan_has_a_row_per_stage_and_scales_with_the_clips(plan_vggsound, capsy
         assert d_wall == pytest.approx(2 * wall, rel=0.01)
         # Checkpoints do not grow with the data.
         assert d_disk == pytest.approx(disk if stage.startswith("train") else 2 * disk, rel=0.01)
+
+
+def test_plan_download_time_divides_by_the_download_nodes(plan_vggsound, capsys):
+    one = _plan(plan_vggsound, capsys, "--download-nodes", "1")
+    for nodes in (4, 16):
+        more = _plan(plan_vggsound, capsys, "--download-nodes", str(nodes))
+        assert more["download"][1] == one["download"][1]  # the same work
+        assert more["download"][2] == pytest.approx(one["download"][2] / nodes, rel=0.01)
+        assert more["extract"] == one["extract"]
 
 
 # ---------------------------------------------------------------------------- the bench machine

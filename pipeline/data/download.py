@@ -9,7 +9,8 @@ written inside `<clips>/.tmp-download/`, verified (video + audio, 10 s ± 1.5 s)
 statuses; transient ones are retried, rate limits and bot checks pause every worker, and a server
 that no longer answers at all (connection refused, no route, DNS) ends the run with its progress
 saved instead of marking every remaining clip failed. The manifest is saved every few completions
-so that a killed run resumes where it stopped.
+so that a killed run resumes where it stopped. With `download.executor: ray` the same workers run
+on each node of a Ray cluster, one rate gate per node (`pipeline.data.download_ray`).
 
 yt-dlp and ffprobe: yt-dlp's check "is ffmpeg available" (`FFmpegFD.available`) ignores the
 `ffmpeg_location` parameter and looks on $PATH, so with only the imageio-ffmpeg binary a section
@@ -146,18 +147,23 @@ def ytdlp_version() -> str:
 # ---------------------------------------------------------------------------------- dispatcher
 
 
-def run_download(cfg: DownloadConfig, clips_dir: str | Path, *, seed: int) -> DownloadSummary:
+def run_download(
+    cfg: DownloadConfig, clips_dir: str | Path, *, seed: int, cluster_wait_s: float = 0.0
+) -> DownloadSummary:
     """Produce the clips of `cfg.source` in `clips_dir` and write its manifest.
 
     Resumes from the manifest already in `clips_dir`. Raises `DownloadError` for a problem the
-    user can fix and when not a single clip ends up `ok`.
+    user can fix and when not a single clip ends up `ok`. `cluster_wait_s`: how long
+    `executor: ray` waits for an autoscaler to add the `ray.nodes` it asks for.
     """
     started = time.monotonic()
     clips_dir = Path(clips_dir)
     clips_dir.mkdir(parents=True, exist_ok=True)
     previous = manifest.read_manifest(clips_dir)
     if cfg.source == "vggsound":
-        records = download_vggsound(cfg, clips_dir, previous=previous)
+        records = download_vggsound(
+            cfg, clips_dir, previous=previous, cluster_wait_s=cluster_wait_s
+        )
     elif cfg.source == "local":
         from pipeline.data.local import download_local
 
@@ -463,7 +469,11 @@ class RateGate:
 
 
 def download_vggsound(
-    cfg: DownloadConfig, clips_dir: str | Path, *, previous: list[ClipRecord]
+    cfg: DownloadConfig,
+    clips_dir: str | Path,
+    *,
+    previous: list[ClipRecord],
+    cluster_wait_s: float = 0.0,
 ) -> list[ClipRecord]:
     """Download the selected VGGSound clips into `clips_dir`; one record per selected clip.
 
@@ -489,36 +499,46 @@ def download_vggsound(
     stale = io.remove_stale_temporaries(clips_dir)
     if stale:
         log.info("removed %d temporaries of an interrupted run", stale)
-    records, todo = _plan(selected, previous, clips_dir, retry_failed=cfg.retry_failed)
+    records, todo = plan_fetch(selected, previous, clips_dir, retry_failed=cfg.retry_failed)
     log.info(
-        "vggsound: %d clips selected, %d already done, %d to fetch with %d workers",
+        "vggsound: %d clips selected, %d already done, %d to fetch with %d workers%s",
         len(selected),
         len(records),
         len(todo),
         vcfg.workers,
+        " per node" if cfg.executor == "ray" else "",
     )
-    run = _Run(vcfg, clips_dir, {r.clip_id: r for r in previous})
+    by_id = {r.clip_id: r for r in previous}
     try:
-        _fetch_all(todo, run, records)
+        if cfg.executor == "ray":
+            from pipeline.data.download_ray import fetch_on_nodes
+
+            report = fetch_on_nodes(cfg, todo, clips_dir, by_id, records, cluster_wait_s)
+        else:
+            run = FetchRun(vcfg, clips_dir, by_id)
+            try:
+                _fetch_all(todo, run, records)
+            finally:
+                run.close()
+            report = run.report()
     finally:
-        run.close()
         manifest.write_manifest(clips_dir, records.values())
         shutil.rmtree(clips_dir / WORK_DIR, ignore_errors=True)
     out = [records[e.clip_id] for e in selected if e.clip_id in records]
     log.info(
         "vggsound: %s; %d rate-limit pauses (%.0f s)",
         _counts(Counter(r.status for r in out)),
-        run.gate.pauses,
-        run.gate.paused_s,
+        report.pauses,
+        report.paused_s,
     )
-    if run.gave_up is not None:
+    if report.gave_up is not None:
         raise DownloadError(
-            f"YouTube kept refusing ({run.gave_up}) after backing off up to "
+            f"YouTube kept refusing ({report.gave_up}) after backing off up to "
             f"{vcfg.max_backoff_s:.0f} s; progress is saved, rerun later"
         )
-    if run.offline is not None:
+    if report.offline is not None:
         raise DownloadError(
-            f"the server stopped answering ({run.offline}) after {len(out)} of "
+            f"the server stopped answering ({report.offline}) after {len(out)} of "
             f"{len(selected)} clips were settled; progress is saved, rerun when it is back"
         )
     return out
@@ -594,7 +614,7 @@ def _ok_record(entry: VGGSoundEntry, final: Path, info: Probe, attempts: int) ->
     )
 
 
-def _plan(
+def plan_fetch(
     selected: Sequence[VGGSoundEntry],
     previous: Sequence[ClipRecord],
     clips_dir: Path,
@@ -631,17 +651,34 @@ def _plan(
 def _outcome(rec: ClipRecord) -> dict[str, Any]:
     return {
         k: getattr(rec, k)
-        for k in ("status", "error", "path", "size_bytes", "duration_s", "attempts")
+        for k in ("status", "error", "path", "size_bytes", "duration_s", "attempts", "node")
     }
 
 
-class _Run:
-    """State shared by the workers of one run: config, gate, stop flag, per-thread yt-dlp."""
+@dataclass
+class FetchReport:
+    """How fetching went: rate-limit pauses, and why it stopped before the end (None: it did
+    not): the rate limit outlasted the longest back-off (`gave_up`), or no server answered."""
+
+    pauses: int = 0
+    paused_s: float = 0.0
+    gave_up: str | None = None
+    offline: str | None = None
+
+
+class FetchRun:
+    """State shared by the workers of one run (or of one node's downloader): config, gate, stop
+    flag, per-thread yt-dlp; `work_name` names the worker folders under WORK_DIR."""
 
     def __init__(
-        self, vcfg: VGGSoundConfig, clips_dir: Path, previous: dict[str, ClipRecord]
+        self,
+        vcfg: VGGSoundConfig,
+        clips_dir: Path,
+        previous: dict[str, ClipRecord],
+        work_name: str = "worker",
     ) -> None:
         self.vcfg, self.clips_dir, self.previous = vcfg, clips_dir, previous
+        self.work_name = work_name
         self.gate = RateGate(vcfg.backoff_s, vcfg.max_backoff_s)
         self.stop = threading.Event()
         self.gave_up: str | None = None
@@ -658,7 +695,7 @@ class _Run:
         if not hasattr(self._local, "ydl"):
             with self._lock:
                 n = len(self._workers)
-                work = self.clips_dir / WORK_DIR / f"worker-{n:02d}"
+                work = self.clips_dir / WORK_DIR / f"{self.work_name}-{n:02d}"
                 work.mkdir(parents=True, exist_ok=True)
                 self._local.ydl = _new_ydl(self.vcfg, work, self._cookie_copy(n))
                 self._local.work = work
@@ -676,6 +713,9 @@ class _Run:
         shutil.copyfile(src, dst)
         dst.chmod(0o600)
         return str(dst)
+
+    def report(self) -> FetchReport:
+        return FetchReport(self.gate.pauses, self.gate.paused_s, self.gave_up, self.offline)
 
     def close(self) -> None:
         for ydl in self._workers:
@@ -724,36 +764,20 @@ def _new_ydl(vcfg: VGGSoundConfig, work: Path, cookiefile: str | None) -> Any:
     return YoutubeDL(opts)
 
 
-def _fetch_all(todo: Sequence[VGGSoundEntry], run: _Run, records: dict[str, ClipRecord]) -> None:
+def _fetch_all(
+    todo: Sequence[VGGSoundEntry], run: FetchRun, records: dict[str, ClipRecord]
+) -> None:
     """Fetch `todo` on `run.vcfg.workers` threads, filling `records` and saving it periodically."""
     if not todo:
         return
-    bar = tqdm(total=len(todo), desc="download", unit="clip", mininterval=1.0)
-    counts: Counter[str] = Counter()
-    saved_n, saved_at = 0, time.monotonic()
+    progress = Progress(len(todo), run.clips_dir, records)
     pool = ThreadPoolExecutor(max_workers=run.vcfg.workers, thread_name_prefix="download")
-    futures: list[Future[ClipRecord | None]] = [pool.submit(_fetch, e, run) for e in todo]
+    futures: list[Future[ClipRecord | None]] = [pool.submit(fetch_clip, e, run) for e in todo]
     try:
         pending = set(futures)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                record = fut.result()
-                bar.update()
-                if record is None:
-                    continue
-                records[record.clip_id] = record
-                counts[record.status] += 1
-            bar.set_postfix(
-                ok=counts["ok"], failed=sum(counts.values()) - counts["ok"], refresh=False
-            )
-            finished = sum(counts.values())
-            if (
-                finished - saved_n >= SAVE_EVERY_CLIPS
-                or time.monotonic() - saved_at >= SAVE_EVERY_S
-            ):
-                manifest.write_manifest(run.clips_dir, records.values())
-                saved_n, saved_at = finished, time.monotonic()
+            progress.add([fut.result() for fut in done])
     finally:
         run.stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
@@ -762,10 +786,42 @@ def _fetch_all(todo: Sequence[VGGSoundEntry], run: _Run, records: dict[str, Clip
             f.result() for f in futures if f.done() and not f.cancelled() and not f.exception()
         ]
         records.update({r.clip_id: r for r in ended if r is not None})
-        bar.close()
+        progress.close()
 
 
-def _fetch(entry: VGGSoundEntry, run: _Run) -> ClipRecord | None:
+class Progress:
+    """The driver's view of a run: records settled clips into `records`, shows a progress bar
+    and saves the manifest every SAVE_EVERY_CLIPS clips or SAVE_EVERY_S seconds."""
+
+    def __init__(self, total: int, clips_dir: Path, records: dict[str, ClipRecord]) -> None:
+        self.clips_dir, self.records = clips_dir, records
+        self.bar = tqdm(total=total, desc="download", unit="clip", mininterval=1.0)
+        self.counts: Counter[str] = Counter()
+        self.saved_n, self.saved_at = 0, time.monotonic()
+
+    def add(self, settled: Iterable[ClipRecord | None]) -> None:
+        """Clips that ended (None: one the run stopped before it was settled)."""
+        for record in settled:
+            self.bar.update()
+            if record is None:
+                continue
+            self.records[record.clip_id] = record
+            self.counts[record.status] += 1
+        ok = self.counts["ok"]
+        self.bar.set_postfix(ok=ok, failed=sum(self.counts.values()) - ok, refresh=False)
+        finished = sum(self.counts.values())
+        if (
+            finished - self.saved_n >= SAVE_EVERY_CLIPS
+            or time.monotonic() - self.saved_at >= SAVE_EVERY_S
+        ):
+            manifest.write_manifest(self.clips_dir, self.records.values())
+            self.saved_n, self.saved_at = finished, time.monotonic()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def fetch_clip(entry: VGGSoundEntry, run: FetchRun) -> ClipRecord | None:
     """Fetch one clip with retries; None when the run stopped before the clip was settled."""
     prev = run.previous.get(entry.clip_id)
     attempts = prev.attempts if prev else 0
@@ -807,7 +863,7 @@ def _fetch(entry: VGGSoundEntry, run: _Run) -> ClipRecord | None:
     return None
 
 
-def _attempt(entry: VGGSoundEntry, run: _Run) -> tuple[Path, Probe]:
+def _attempt(entry: VGGSoundEntry, run: FetchRun) -> tuple[Path, Probe]:
     """One yt-dlp call for the clip's section; the verified file is renamed to its final path."""
     from yt_dlp.postprocessor.ffmpeg import FFmpegPostProcessor
     from yt_dlp.utils import download_range_func

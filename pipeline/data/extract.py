@@ -3,8 +3,9 @@
 Input: `<clips_dir>/manifest.parquet`; rows with status "ok" point at `clips_dir / path`.
 Output (`out_dir`, replaced as a whole, never half-written): the layout `pipeline.data.extracted`
 describes and reads. Each clip goes through `pipeline.data.decode` (one ffmpeg process, the
-failure rules) in a process pool of `workers`; a failed clip is a failures.parquet row, never a
-stopped stage.
+failure rules) in a process pool of `workers` (`executor: local`) or as a Ray task on any node of
+the cluster (`executor: ray`: the same code, byte-identical shards); a failed clip is a
+failures.parquet row, never a stopped stage.
 
 Resumable: ok rows sorted by clip_id are cut into chunks of `rows_per_shard`; each finished chunk
 is written atomically to `cache_dir/extract/<key>/chunk-NNNNN.parquet`, where key hashes the
@@ -24,7 +25,7 @@ import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,8 +181,9 @@ def _file_stamp(clips_dir: Path, rel: str) -> list[int]:
 
 
 def cache_key(cfg: ExtractConfig, clips_dir: Path, records: list[ClipRecord]) -> str:
-    """Hash of everything a chunk depends on: params (not workers), ffmpeg, code, input files."""
-    params = {k: v for k, v in asdict(cfg).items() if k != "workers"}
+    """Hash of everything a chunk depends on: params (not workers or executor), ffmpeg, code,
+    input files."""
+    params = {k: v for k, v in asdict(cfg).items() if k not in ("workers", "executor")}
     code = [
         hashlib.sha256(Path(f).read_bytes()).hexdigest()
         for f in (audio.__file__, decode.__file__, __file__)
@@ -207,6 +209,7 @@ def _process(
     cfg: ExtractConfig,
     cache: Path,
     bar: tqdm,
+    wait_s: float = 0.0,
 ) -> None:
     """Run the clips of the chunks in `todo` (chunk → [(index, record)]), writing each chunk
     as soon as all its clips are done. One worker runs inline; more use a process pool."""
@@ -223,6 +226,9 @@ def _process(
             _write_chunk(_chunk_path(cache, chunk), rows)
             del pending[chunk]
 
+    if cfg.executor == "ray":
+        _process_on_cluster(tasks, done, wait_s)
+        return
     workers = cfg.workers or os.cpu_count() or 1
     if workers == 1:
         for task in tasks:
@@ -244,6 +250,50 @@ def _process(
                 done(*fut.result())
         except BaseException:  # Ctrl-C or a dead worker: finished chunks stay for the rerun
             pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _cluster_work(task: tuple[int, ClipRecord, Path, ExtractConfig]) -> tuple[int, dict[str, Any]]:
+    """Ray task entry: `_work` with one BLAS thread, as in the local pool's processes."""
+    _init_worker()
+    return _work(task)
+
+
+def _process_on_cluster(
+    tasks: Iterable[tuple[int, ClipRecord, Path, ExtractConfig]],
+    done: Callable[[int, dict[str, Any]], None],
+    wait_s: float = 0.0,
+) -> None:
+    """`executor: ray`: each clip is a Ray task of 1 CPU, wherever the cluster has one (the
+    clips folder is read at the same absolute path on every node); a bounded window of tasks
+    keeps the driver's memory flat, and a task lost with its node is run again elsewhere. A
+    cluster without a CPU is given `wait_s` to get one from its autoscaler."""
+    import ray
+
+    from pipeline.ray_runtime import ray_session, require_resources
+
+    with ray_session():
+        require_resources(
+            [{"CPU": 1}],
+            "extract (executor: ray) asks for 1 CPU per task",
+            "set extract.executor to local to use this machine's cores",
+            wait_s,
+        )
+        work = ray.remote(num_cpus=1, max_retries=3)(_cluster_work)
+        limit = 4 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+        window: list[Any] = []
+        try:
+            for index, record, clips_dir, cfg in tasks:
+                window.append(work.remote((index, record, clips_dir.resolve(), cfg)))
+                if len(window) >= limit:
+                    finished, window = ray.wait(window, num_returns=1)
+                    done(*ray.get(finished[0]))
+            while window:
+                finished, window = ray.wait(window, num_returns=1)
+                done(*ray.get(finished[0]))
+        except BaseException:  # Ctrl-C: finished chunks stay for the rerun
+            for ref in window:
+                ray.cancel(ref, force=True)
             raise
 
 
@@ -365,13 +415,15 @@ def run_extract(
     out_dir: Path,
     cache_dir: Path,
     preview_path: Path | None = None,
+    cluster_wait_s: float = 0.0,
 ) -> ExtractSummary:
     """Extract frames + mel for every ok manifest row of `clips_dir` into `out_dir`.
 
     Resumes from `cache_dir/extract/<key>/`; writes `out_dir` atomically (see the module doc);
     optionally a preview PNG of a few clips at `preview_path`. Failed clips go to
     failures.parquet; the stage itself only fails on problems outside a clip (disk, a crashed
-    worker process).
+    worker process). `cluster_wait_s`: how long `executor: ray` waits for an autoscaler to add a
+    CPU when the cluster has none.
     """
     start = time.monotonic()
     clips_dir, out_dir, cache_dir = Path(clips_dir), Path(out_dir), Path(cache_dir)
@@ -395,7 +447,7 @@ def run_extract(
     with tqdm(
         total=len(records), initial=done_before, unit="clip", desc="extract", disable=None
     ) as bar:
-        _process(todo, clips_dir, cfg, cache, bar)
+        _process(todo, clips_dir, cfg, cache, bar, cluster_wait_s)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     io.clean_dir_leftovers(out_dir)

@@ -8,19 +8,20 @@
 Shard columns: `frames` is a list of `num_frames` JPEG images (image_size² RGB, baseline, 4:4:4);
 `mel` is the (n_mels, mel_frames) float16 little-endian C-order bytes of the [0, 1] mel
 (`np.frombuffer(b, "<f2").reshape(meta["mel"]["shape"])`); `flags` lists soft problems.
-`iter_examples` reads it back; `settings` gives the extract settings the data was made with.
+`iter_examples` reads it back, `iter_selected` some rows of it (reading only the shards that hold
+them, decoding only those rows, optionally only one frame); `settings` gives the extract settings
+the data was made with.
 """
 
 from __future__ import annotations
 
 import io as _stdio
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import io
 from pipeline.config import ExtractConfig
@@ -64,8 +65,8 @@ def load_meta(out_dir: Path) -> dict[str, Any]:
 
 
 def settings(meta: dict[str, Any]) -> ExtractConfig:
-    """The extract settings the data of this meta.json was made with (`workers`, which does not
-    change the data, is 0). Later stages size themselves from this, not from params.yaml."""
+    """The extract settings the data of this meta.json was made with (`workers` and `executor`,
+    which do not change the data, are 0 and "local"). Later stages size themselves from this, not from params.yaml."""
     mel = meta["mel"]
     return ExtractConfig(
         num_frames=int(meta["num_frames"]),
@@ -81,6 +82,7 @@ def settings(meta: dict[str, Any]) -> ExtractConfig:
         mel_frames=int(mel["shape"][1]),
         rows_per_shard=int(meta["rows_per_shard"]),
         workers=0,
+        executor="local",
     )
 
 
@@ -95,14 +97,46 @@ def decode_row(
     return images, spec
 
 
+def split_size(meta: dict[str, Any], split: str) -> int:
+    """Rows of `split` in the shards a meta.json lists (0 for a split it does not have)."""
+    return sum(int(e["rows"]) for e in meta["shards"].get(split, []))
+
+
+def read_labels(out_dir: Path, split: str) -> list[str]:
+    """The label of every row of `split`, in clip_id order (only that column is read)."""
+    out_dir = Path(out_dir)
+    return [label for entry in load_meta(out_dir)["shards"].get(split, [])
+            for label in io.read_table(out_dir / entry["path"], columns=["label"])
+            .column("label").to_pylist()]  # fmt: skip
+
+
 def iter_examples(out_dir: Path, split: str) -> Iterator[Example]:
     """Every row of `split` in clip_id order as `Example` (frames uint8, mel float32)."""
+    for _, example in iter_selected(out_dir, split):
+        yield example
+
+
+def iter_selected(
+    out_dir: Path, split: str, rows: Sequence[int] | None = None, frame: int | None = None
+) -> Iterator[tuple[int, Example]]:
+    """(row, Example) for each row of `split` whose index (in clip_id order) is in `rows`
+    (None: every row), in that order. Only the shards holding them are read and only those rows
+    decoded; with `frame`, only that frame (`Example.frames` is then (1, S, S, 3))."""
     out_dir = Path(out_dir)
     meta = load_meta(out_dir)
     shape = tuple(meta["mel"]["shape"])
+    wanted = None if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
+    end = 0
     for entry in meta["shards"].get(split, []):
-        pf = pq.ParquetFile(out_dir / entry["path"])
-        for batch in pf.iter_batches(batch_size=64, columns=["clip_id", "label", "frames", "mel"]):
-            for row in batch.to_pylist():
-                frames, mel = decode_row(row["frames"], row["mel"], shape)
-                yield Example(row["clip_id"], row["label"], frames, mel)
+        start, end = end, end + int(entry["rows"])  # this shard holds rows [start, end)
+        local = None if wanted is None else wanted[(wanted >= start) & (wanted < end)] - start
+        if local is not None and not len(local):
+            continue
+        table = io.read_table(
+            out_dir / entry["path"], columns=["clip_id", "label", "frames", "mel"]
+        )
+        for i in range(table.num_rows) if local is None else local.tolist():
+            row = table.slice(i, 1).to_pylist()[0]
+            frames = row["frames"] if frame is None else row["frames"][frame : frame + 1]
+            images, mel = decode_row(frames, row["mel"], shape)
+            yield start + i, Example(row["clip_id"], row["label"], images, mel)

@@ -44,13 +44,16 @@ SCHEMA = pa.schema(
         ("size_bytes", pa.int64()),
         ("duration_s", pa.float64()),
         ("attempts", pa.int32()),
+        ("node", pa.string()),
     ]
 )
 
 
 @dataclass
 class ClipRecord:
-    """One manifest row. `path` is relative to the clips folder; empty unless status is ok."""
+    """One manifest row. `path` is relative to the clips folder; empty unless status is ok.
+    `node`: the Ray node id of the downloader that settled the clip (`download.executor: ray`);
+    empty when this machine did."""
 
     clip_id: str
     source: str
@@ -64,6 +67,7 @@ class ClipRecord:
     attempts: int = 0
     youtube_id: str = ""
     start_s: int = 0
+    node: str = ""
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

@@ -9,6 +9,11 @@ Flow: one Ray Data pass for every conditional task and CFG scale s (and one for 
    and joint-space vectors (kept, small), and the clips picked as examples keep their samples;
 3. scores against the real test clips (`scoring`), example WAVs/PNGs and figures.
 
+The driver never holds the test split: before generating, it streams the clips evaluated from
+the shards once (`train_local.read_chunks`), keeping the evaluator's outputs on them (the
+reference) and the frame and mel of the example clips only; generation reads the shards again
+through Ray Data.
+
 Rows carry their index (and clip id, for the paper-protocol scorers), so the scores do not depend
 on the order Ray returns batches in. Generation noise is seeded per batch (`seed + first row`), so
 a rerun gives the same samples. With `evaluate.repeats` > 1 all of it runs that many times, run r
@@ -31,20 +36,20 @@ from tqdm import tqdm
 
 from pipeline import checkpoint, io
 from pipeline.config import EvaluateConfig, EvaluatorConfig, GenerateConfig, PathsConfig, as_dict
-from pipeline.data.extracted import decode_row, load_meta
+from pipeline.data.extracted import decode_row, load_meta, split_size
 from pipeline.data.token_dataset import eval_frame
 from pipeline.evaluation.local import NAME as LOCAL_NAME
 from pipeline.evaluation.local import LocalEvaluator, Outputs
 from pipeline.evaluation.official import OfficialMetrics, average_runs
 from pipeline.evaluation.scoring import (
     Reference,
-    reference,
+    reference_of,
     score_audio,
     score_image,
     score_pairs,
     score_reference,
 )
-from pipeline.evaluation.train_local import Clips, EvaluatorError, load_clips
+from pipeline.evaluation.train_local import EvaluatorError, read_chunks, split_outputs
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +57,6 @@ READ_COLUMNS = ["clip_id", "label", "frames", "mel"]
 # Run r of `evaluate.repeats` seeds its batches from base seed + r x this (+ the batch's first
 # row), so no two runs share a seed while a test split has fewer rows.
 REPEAT_SEED_STRIDE = 1_000_000
-
-
-@dataclass
-class TestSet(Clips):
-    """The clips evaluated: `Clips` with only the conditioning frame, frames (n, S, S, 3)."""
 
 
 def spread(n: int, k: int) -> np.ndarray:
@@ -67,16 +67,56 @@ def spread(n: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
 
 
-def load_test_set(extract_dir: str | Path, max_clips: int = 0) -> TestSet:
-    clips: Clips = load_clips(extract_dir, "test")
-    keep = spread(len(clips), max_clips)
-    frame = eval_frame(clips.frames.shape[1])
-    return TestSet(
-        [clips.clip_ids[i] for i in keep],
-        [clips.labels[i] for i in keep],
-        clips.frames[keep, frame],
-        clips.mels[keep],
-    )
+def evaluated_rows(extract_dir: str | Path, max_clips: int = 0) -> np.ndarray:
+    """Which test clips are evaluated: `max_clips` of them spread over the split (0: all), as
+    indices in clip_id order."""
+    n = split_size(load_meta(Path(extract_dir)), "test")
+    if not n:
+        raise EvaluatorError(f"{extract_dir} has no clips in split 'test'")
+    return spread(n, max_clips)
+
+
+@dataclass
+class TestSet:
+    """The clips evaluated, read once: ids and labels of all, the evaluator's outputs on them
+    (`ref`), and the conditioning frame (S, S, 3) and mel (F, T) float16 of the `kept` rows
+    (positions in the set) only."""
+
+    clip_ids: list[str]
+    labels: list[str]
+    ref: Reference
+    kept: dict[int, tuple[np.ndarray, np.ndarray]]
+
+    def __len__(self) -> int:
+        return len(self.clip_ids)
+
+    def frames(self, rows: list[int]) -> np.ndarray:
+        """The conditioning frames of kept `rows`, (len(rows), S, S, 3) uint8."""
+        return np.stack([self.kept[r][0] for r in rows])
+
+    def mels(self, rows: list[int]) -> np.ndarray:
+        """The mels of kept `rows`, (len(rows), F, T) float32."""
+        return np.stack([self.kept[r][1] for r in rows]).astype(np.float32)
+
+
+def load_test_set(
+    extract_dir: str | Path, evaluator: LocalEvaluator, rows: np.ndarray, keep: set[int]
+) -> TestSet:
+    """Stream the test clips at `rows` (`evaluated_rows`) through `evaluator`; keep the inputs
+    of the positions in `keep`."""
+    out = split_outputs(evaluator, read_chunks(extract_dir, "test", rows.tolist()), keep=keep)
+    ref = reference_of(evaluator, out.labels, out.audio, out.image)
+    return TestSet(out.clip_ids, out.labels, ref, out.kept)
+
+
+def picked(n: int, k: int) -> list[int]:
+    """`k` positions spread over `n` clips; none for k = 0."""
+    return [int(i) for i in spread(n, k)] if k else []
+
+
+def example_rows(n: int, cfg: EvaluateConfig) -> set[int]:
+    """The positions whose samples are kept: those of the WAV/PNG examples and of the figures."""
+    return set(picked(n, cfg.samples)) | set(picked(n, cfg.figure_clips))
 
 
 def decode_clips(
@@ -152,7 +192,7 @@ def generate_and_embed(
     cfg: EvaluateConfig,
     evaluator: LocalEvaluator,
     seed: int,
-    example_rows: set[int],
+    examples_at: set[int],
     count: int = 0,
     official: dict[tuple[str, str], OfficialMetrics] | None = None,
 ) -> dict[tuple[str, str], Generated]:
@@ -203,6 +243,8 @@ def generate_and_embed(
         batch_size=gen_cfg.batch_size,
         batch_format="numpy",
     )
+    if runs[0][0] != "cogenerate":  # the driver needs no input back (but the paper's CS frame)
+        ds = ds.drop_columns(["mel"] if official else ["mel", "image"])
     parts = {(task_name, key): _Parts() for task_name, key, _ in runs}
     sample_rate = _vocoder_rate(tokenizers_dir)
     clips = count if runs[0][0] == "cogenerate" else len(test)
@@ -215,23 +257,26 @@ def generate_and_embed(
             col = {name: batch[GenerateBatch.column(task_name, s, name)]
                    for name in GenerateBatch.OUTPUTS}  # fmt: skip
             part = parts[(task_name, key)]
-            part.rows.append(batch["row"])
+            # Copies: a column of a batch Ray hands back is a view that keeps the whole batch's
+            # buffers alive (every generated mel of every batch, until the end).
+            part.rows.append(np.array(batch["row"]))
             part.seconds += float(col["seconds"].sum())
             if official and (task_name, key) in official:
-                for wave, row in zip(col["gen_wave"], batch["row"], strict=True):
+                for wave, image, row in zip(col["gen_wave"], batch["image"], batch["row"],
+                                            strict=True):  # fmt: skip
                     official[(task_name, key)].add_generated(
-                        wave, sample_rate, test.frames[int(row)], test.clip_ids[int(row)]
+                        wave, sample_rate, image, test.clip_ids[int(row)]
                     )
             if task_name != "audio2image":
                 part.audio.append(evaluator.audio_outputs(col["gen_mel"]))
             if task_name != "image2audio":
                 part.image.append(evaluator.image_outputs(col["gen_image"]))
             for i, row in enumerate(batch["row"]):
-                if int(row) in example_rows:
+                if int(row) in examples_at:
                     part.examples[int(row)] = {
-                        "mel": col["gen_mel"][i], "image": col["gen_image"][i],
-                        "audio_ids": col["gen_audio_ids"][i], "image_ids": col["gen_image_ids"][i],
-                    }  # fmt: skip
+                        name: np.array(col[f"gen_{name}"][i])
+                        for name in ("mel", "image", "audio_ids", "image_ids")
+                    }
     bar.close()
     return {name: part.finish() for name, part in parts.items()}
 
@@ -341,22 +386,24 @@ def run_evaluate(
     seed: int,
     report_dir: Path,
     tracking_run: Any | None = None,
+    cluster_wait_s: float = 0.0,
 ) -> EvaluateSummary:
     """Generate and score every task and CFG scale of `cfg`; write metrics, samples and figures
     under `report_dir` (see the module doc). Of `evaluator_cfg` it reads the device and the
-    paper-protocol extractors (`official`)."""
+    paper-protocol extractors (`official`). The generation actors' GPUs must be in the cluster,
+    or come within `cluster_wait_s` from its autoscaler."""
     from pipeline.devices import resolve_device
-    from pipeline.ray_runtime import ray_session
+    from pipeline.ray_runtime import ray_session, require_resources
     from pipeline.tokenizers.vocoder import Vocoder
 
     start = time.monotonic()
     extract_dir, tokenizers_dir = Path(paths.extract), Path(paths.tokenizers)
     device = resolve_device(evaluator_cfg.device)
     evaluator = LocalEvaluator.load(paths.evaluator, device)
-    test = load_test_set(extract_dir, cfg.max_clips)
-    ref = reference(evaluator, test.labels, test.mels.astype(np.float32), test.frames)
-    shown = spread(len(test), max(cfg.samples, cfg.figure_clips))
-    example_rows = {int(i) for i in shown}
+    rows = evaluated_rows(extract_dir, cfg.max_clips)
+    examples_at = example_rows(len(rows), cfg)
+    test = load_test_set(extract_dir, evaluator, rows, examples_at)
+    ref = test.ref
     cogenerated = set(range(min(cfg.cogenerate_samples, max(cfg.samples, cfg.figure_clips))))
     metrics: dict[str, Any] = {
         "comparable_to_paper": False,
@@ -381,6 +428,12 @@ def run_evaluate(
     generated: list[dict[tuple[str, str], Generated]] = []
     scorers: list[dict[tuple[str, str], OfficialMetrics]] = []
     with ray_session():
+        require_resources(
+            [{"GPU": cfg.num_gpus_per_actor}] * cfg.num_actors,
+            f"evaluate asks for {cfg.num_actors} actor(s) x {cfg.num_gpus_per_actor:g} GPU",
+            "set evaluate.num_gpus_per_actor to 0 to generate on CPU",
+            cluster_wait_s,
+        )
         for repeat in range(cfg.repeats):
             run_seed = seed + repeat * REPEAT_SEED_STRIDE
             generated.append({})
@@ -396,7 +449,7 @@ def run_evaluate(
                 cogenerate = runs[0][0] == "cogenerate"
                 generated[repeat] |= generate_and_embed(
                     runs, test, extract_dir, Path(paths.transformer), tokenizers_dir, gen_cfg,
-                    cfg, evaluator, run_seed, cogenerated if cogenerate else example_rows,
+                    cfg, evaluator, run_seed, cogenerated if cogenerate else examples_at,
                     count=cfg.cogenerate_samples, official=None if cogenerate else scorers[repeat],
                 )  # fmt: skip
     examples: dict[str, dict[str, Generated]] = {}
@@ -436,8 +489,7 @@ def write_examples(
 
     samples = report_dir / "samples"
     shutil.rmtree(samples, ignore_errors=True)  # a rerun with fewer samples keeps no stale ones
-    shown = [int(i) for i in spread(len(test), cfg.figure_clips)]
-    kept = [int(i) for i in spread(len(test), cfg.samples)]
+    shown, kept = picked(len(test), cfg.figure_clips), picked(len(test), cfg.samples)
     for task_name, runs in examples.items():
         headline_key, headline = next(iter(runs.items()))
         folder = samples / task_name
@@ -451,20 +503,23 @@ def write_examples(
                 audio.save_mel_png(
                     folder / f"{name}.png", mel, f"{test.labels[row]} ({headline_key})"
                 )
+            if not shown:  # figure_clips: 0
+                continue
             gen = {k: np.stack([g.examples[r]["mel"] for r in shown]) for k, g in runs.items()}
             guess = {k: [evaluator.labels[i] for i in evaluator.audio_outputs(v).predicted]
                      for k, v in gen.items()}  # fmt: skip
             generation_figure(
                 [test.clip_ids[r] for r in shown], [test.labels[r] for r in shown],
-                test.frames[shown], test.mels[shown].astype(np.float32), gen,
+                test.frames(shown), test.mels(shown), gen,
                 report_dir / "image2audio.png", guess,
             )  # fmt: skip
         elif task_name == "audio2image":
-            rows = [("ground truth", test.frames[shown])]
-            rows += [
-                (k, np.stack([g.examples[r]["image"] for r in shown])) for k, g in runs.items()
-            ]
-            image_grid_figure(rows, report_dir / "audio2image.png", "audio → image")
+            if shown:
+                rows = [("ground truth", test.frames(shown))]
+                rows += [
+                    (k, np.stack([g.examples[r]["image"] for r in shown])) for k, g in runs.items()
+                ]
+                image_grid_figure(rows, report_dir / "audio2image.png", "audio → image")
             for row in kept:
                 _save_png(folder / f"{test.clip_ids[row]}.{headline_key}.png",
                           headline.examples[row]["image"])  # fmt: skip

@@ -184,3 +184,9 @@ class Outputs:
     @property
     def predicted(self) -> np.ndarray:
         return self.logits.argmax(axis=1)
+
+    @staticmethod
+    def cat(parts: list[Outputs]) -> Outputs:
+        """The rows of `parts` one after the other (at least one part)."""
+        return Outputs(*(np.concatenate([getattr(p, f) for p in parts])
+                         for f in ("embedding", "logits", "joint")))  # fmt: skip

@@ -39,6 +39,14 @@ def reference(
     ev: LocalEvaluator, labels: list[str], mels: np.ndarray, frames: np.ndarray
 ) -> Reference:
     """The evaluator on the real test clips: mels (n, F, T) and conditioning frames (n, S, S, 3)."""
+    return reference_of(ev, labels, ev.audio_outputs(mels), ev.image_outputs(frames))
+
+
+def reference_of(
+    ev: LocalEvaluator, labels: list[str], audio: Outputs, image: Outputs
+) -> Reference:
+    """The `Reference` of real test clips from the evaluator's outputs on them (streamed:
+    `train_local.split_outputs`)."""
     index = ev.label_index(labels)
     if (index < 0).any():
         unknown = sorted({lab for lab, i in zip(labels, index, strict=True) if i < 0})
@@ -46,7 +54,6 @@ def reference(
             f"the evaluator was not trained on label(s) {', '.join(unknown[:3])}: rerun the "
             "evaluator stage on the same extract output"
         )
-    audio, image = ev.audio_outputs(mels), ev.image_outputs(frames)
     return Reference(
         index,
         audio,

@@ -22,9 +22,9 @@ import numpy as np
 from pipeline import io
 from pipeline.config import SWEEP_METRICS, GenerateConfig, PathsConfig, SweepConfig
 from pipeline.errors import PipelineError
-from pipeline.evaluation.evaluate import load_test_set
+from pipeline.evaluation.evaluate import evaluated_rows, load_test_set
 from pipeline.evaluation.local import LocalEvaluator
-from pipeline.evaluation.scoring import Reference, reference
+from pipeline.evaluation.scoring import Reference
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +98,20 @@ def run_sweep(
     experiment: str,
     parent_run_id: str,
     tracking_uri: str,
+    cluster_wait_s: float = 0.0,
 ) -> SweepSummary:
     """Run the grid with Ray Tune (trials as MLflow child runs of `parent_run_id` in
     `experiment`, with its git_commit and pipeline run). Of `generate` it reads batch_size and
-    drop_ratio (fixed for every trial) and guidance (the s of the T x N chart)."""
+    drop_ratio (fixed for every trial) and guidance (the s of the T x N chart). With
+    `gpus_per_trial` > 0 a trial's GPU must be in the cluster, or come within `cluster_wait_s`
+    from its autoscaler."""
     import ray
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     from pipeline import tracking
     from pipeline.devices import usable_cores
-    from pipeline.ray_runtime import ray_session, require_gpus
+    from pipeline.ray_runtime import ray_session, require_resources
 
     start = time.monotonic()
     dirs = {
@@ -126,23 +129,26 @@ def run_sweep(
     }
     space = {k: tune.grid_search(list(getattr(cfg, k))) for k in AXES}
     # The subset and the evaluator's view of its real clips are the same for every trial.
-    test = load_test_set(paths.extract, cfg.clips)
+    # Only the shards that hold them are read, and only these clips decoded.
     evaluator = LocalEvaluator.load(paths.evaluator)
-    ref = reference(evaluator, test.labels, test.mels.astype(np.float32), test.frames)
+    rows = evaluated_rows(paths.extract, cfg.clips)
+    test = load_test_set(paths.extract, evaluator, rows, keep=set(range(len(rows))))
+    frames, ref = test.frames(list(range(len(test)))), test.ref
     with ray_session():
         concurrent = max(
             1, int(ray.cluster_resources().get("CPU", usable_cores()) // cfg.cpus_per_trial)
         )
         if cfg.gpus_per_trial > 0:
-            gpus = require_gpus(
-                cfg.gpus_per_trial,
-                f"sweep.gpus_per_trial asks for {cfg.gpus_per_trial:g} per trial",
-                "set it to 0 to sweep on CPU",
+            have = require_resources(
+                [{"CPU": cfg.cpus_per_trial, "GPU": cfg.gpus_per_trial}],
+                f"sweep asks for {cfg.gpus_per_trial:g} GPU per trial",
+                "set sweep.gpus_per_trial to 0 to sweep on CPU",
+                cluster_wait_s,
             )
-            concurrent = min(concurrent, int(gpus // cfg.gpus_per_trial))
+            concurrent = min(concurrent, int(have.get("GPU", 0) // cfg.gpus_per_trial))
         tuner = tune.Tuner(
             tune.with_resources(
-                tune.with_parameters(trial, frames=test.frames, ref=ref, dirs=dirs),
+                tune.with_parameters(trial, frames=frames, ref=ref, dirs=dirs),
                 {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial},
             ),
             param_space=fixed | space,

@@ -1,18 +1,25 @@
-"""Training the offline evaluator (`local.LocalEvaluator`) on the extracted train split.
+"""Training the offline evaluator (`local.LocalEvaluator`) on the extracted train split, and
+running it over real clips.
 
 The classifiers see real inputs and, when the tokenizers are given, their VQGAN reconstructions
 (encode → decode) as well: every generated sample is a VQGAN decode, so an evaluator that only
 knew clean inputs would confuse codec artefacts with class evidence. The contrastive heads are
 trained last, on the frozen classifier embeddings of matching (frame, mel) pairs.
+
+Memory: training holds its clips in memory (all of the train split, or `per_label` per label,
+refused when that would not fit); the held-out split, and `evaluate`'s and `sweep`'s test clips,
+are streamed `CHUNK` clips at a time (`read_chunks` → `split_outputs`): only the evaluator's small
+per-clip outputs are kept.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,12 +28,12 @@ from tqdm import tqdm
 
 from pipeline import io
 from pipeline.config import EvaluatorConfig
-from pipeline.data.extracted import iter_examples
+from pipeline.data.extracted import iter_selected, load_meta, read_labels, split_size
 from pipeline.data.token_dataset import eval_frame
-from pipeline.devices import resolve_device
+from pipeline.devices import available_memory, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.evaluation.figures import evaluator_figure
-from pipeline.evaluation.local import LocalEvaluator
+from pipeline.evaluation.local import LocalEvaluator, Outputs
 from pipeline.tokenizers.tokenizer import Tokenizer, load_tokenizers
 
 
@@ -47,21 +54,143 @@ class Clips:
         return len(self.clip_ids)
 
 
-def load_clips(extract_dir: str | Path, split: str, per_label: int = 0) -> Clips:
-    """Every clip of `split` (at most `per_label` per label when > 0), in clip_id order."""
-    ids, labels, frames, mels = [], [], [], []
+def capped_rows(labels: list[str], per_label: int) -> list[int]:
+    """Indices of the first `per_label` rows of each label (every row when 0), in order."""
     seen: dict[str, int] = {}
-    for ex in iter_examples(Path(extract_dir), split):
-        if per_label and seen.get(ex.label, 0) >= per_label:
+    rows = []
+    for i, label in enumerate(labels):
+        if per_label and seen.get(label, 0) >= per_label:
             continue
-        seen[ex.label] = seen.get(ex.label, 0) + 1
+        seen[label] = seen.get(label, 0) + 1
+        rows.append(i)
+    return rows
+
+
+def load_clips(
+    extract_dir: str | Path, split: str, per_label: int = 0, budget: int | None = None
+) -> Clips:
+    """Every clip of `split` (at most `per_label` per label when > 0), in clip_id order; only
+    the clips kept are decoded. With `budget` (bytes), an `EvaluatorError` instead when their
+    decoded frames and mels would take more."""
+    extract_dir = Path(extract_dir)
+    rows = capped_rows(read_labels(extract_dir, split), per_label)
+    if not rows:
+        raise EvaluatorError(f"{extract_dir} has no clips in split {split!r}")
+    if budget is not None:
+        meta = load_meta(extract_dir)
+        per_clip = int(np.prod(meta["frames"]["shape"])) + 2 * int(np.prod(meta["mel"]["shape"]))
+        if len(rows) * per_clip > budget:
+            raise EvaluatorError(
+                f"the evaluator would hold {len(rows)} {split} clips in memory "
+                f"({len(rows) * per_clip / 1e9:.1f} GB decoded, more with the codec views), "
+                f"more than the {budget / 1e9:.1f} GB it may use; set evaluator.per_label "
+                "(e.g. 20) to train on that many clips per label"
+            )
+    ids, labels, frames, mels = [], [], [], []
+    for _, ex in iter_selected(extract_dir, split, rows):
         ids.append(ex.clip_id)
         labels.append(ex.label)
         frames.append(ex.frames)
         mels.append(ex.mel.astype(np.float16))
-    if not ids:
-        raise EvaluatorError(f"{extract_dir} has no clips in split {split!r}")
     return Clips(ids, labels, np.stack(frames), np.stack(mels))
+
+
+# The evaluator runs over real clips CHUNK at a time: a multiple of every batch size it (32 mels,
+# 64 frames) and the codec (32) run in, so the outputs equal those of one call over all the
+# clips while memory holds one chunk.
+CHUNK = 64
+
+
+class Chunk(NamedTuple):
+    """Consecutive clips of a selection: positions in it, ids, labels, the conditioning (middle)
+    frame (c, S, S, 3) uint8 and the mel (c, F, T) float16."""
+
+    rows: list[int]
+    clip_ids: list[str]
+    labels: list[str]
+    frames: np.ndarray
+    mels: np.ndarray
+
+
+def read_chunks(
+    extract_dir: str | Path, split: str, rows: Iterable[int] | None = None
+) -> Iterator[Chunk]:
+    """The clips of `split` at `rows` (None: all; in clip_id order) as `Chunk`s, streamed from
+    the shards that hold them; positions count from 0 in the selection."""
+    frame = eval_frame(int(load_meta(Path(extract_dir))["num_frames"]))
+    picked = None if rows is None else list(rows)
+    items: list[tuple[str, str, np.ndarray, np.ndarray]] = []
+    done = 0
+    for _, ex in iter_selected(Path(extract_dir), split, picked, frame):
+        items.append((ex.clip_id, ex.label, ex.frames[0], ex.mel.astype(np.float16)))
+        if len(items) == CHUNK:
+            yield _chunk(items, done)
+            done, items = done + len(items), []
+    if items:
+        yield _chunk(items, done)
+
+
+def _chunk(items: list[tuple[str, str, np.ndarray, np.ndarray]], first: int) -> Chunk:
+    ids, labels, frames, mels = zip(*items, strict=True)
+    rows = list(range(first, first + len(items)))
+    return Chunk(rows, list(ids), list(labels), np.stack(frames), np.stack(mels))
+
+
+def memory_chunks(clips: Clips) -> Iterator[Chunk]:
+    """`Chunk`s of clips already in memory (all their frames: the middle one is taken)."""
+    frame = eval_frame(clips.frames.shape[1])
+    for start in range(0, len(clips), CHUNK):
+        part = slice(start, start + CHUNK)
+        yield Chunk(list(range(len(clips)))[part], clips.clip_ids[part], clips.labels[part],
+                    clips.frames[part, frame], clips.mels[part])  # fmt: skip
+
+
+@dataclass
+class SplitOutputs:
+    """The evaluator on real clips, in selection order: on the mels (`audio`), the conditioning
+    frames (`image`) and, when tokenizers were given, on their VQGAN reconstructions; `kept`
+    holds (frame, mel float16) of the positions asked for (examples, figures)."""
+
+    clip_ids: list[str]
+    labels: list[str]
+    audio: Outputs
+    image: Outputs
+    audio_codec: Outputs | None = None
+    image_codec: Outputs | None = None
+    kept: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.clip_ids)
+
+
+def split_outputs(
+    model: LocalEvaluator,
+    chunks: Iterable[Chunk],
+    tokenizers: dict[str, Tokenizer] | None = None,
+    keep: Iterable[int] = (),
+) -> SplitOutputs:
+    """Run `model` over `chunks` (see `SplitOutputs`); at least one clip."""
+    keep = set(keep)
+    ids: list[str] = []
+    labels: list[str] = []
+    parts: dict[str, list[Outputs]] = {"audio": [], "image": [], "audio_codec": [],
+                                       "image_codec": []}  # fmt: skip
+    kept = {}
+    for c in chunks:
+        ids += c.clip_ids
+        labels += c.labels
+        parts["audio"].append(model.audio_outputs(c.mels))
+        parts["image"].append(model.image_outputs(c.frames))
+        if tokenizers is not None:
+            parts["audio_codec"].append(
+                model.audio_outputs(reconstruct(tokenizers["audio"], c.mels))
+            )
+            parts["image_codec"].append(
+                model.image_outputs(reconstruct(tokenizers["image"], c.frames))
+            )
+        kept |= {row: (c.frames[i], c.mels[i]) for i, row in enumerate(c.rows) if row in keep}
+    joined = {k: Outputs.cat(v) if v else None for k, v in parts.items()}
+    return SplitOutputs(ids, labels, **joined, kept=kept)
 
 
 def reconstruct(tokenizer: Tokenizer, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -286,7 +415,9 @@ def train_local_evaluator(
 
 
 def held_out_metrics(
-    model: LocalEvaluator, test: Clips, tokenizers: dict[str, Tokenizer] | None = None
+    model: LocalEvaluator,
+    test: Clips | SplitOutputs,
+    tokenizers: dict[str, Tokenizer] | None = None,
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """How well the evaluator does on the held-out split, and its confusion matrices.
 
@@ -294,15 +425,17 @@ def held_out_metrics(
     reconstructions when the tokenizers are given: the ceiling for generated samples), with a
     confusion matrix for each (keys "audio", "image", "audio codec", "image codec"); the
     CS-style score of matching and of shuffled pairs; image→audio retrieval top-1 among all test
-    clips."""
+    clips. `test` is the split in memory, or the outputs `split_outputs` streamed from it (with
+    the codec ones when it was given the tokenizers)."""
     from pipeline.metrics.math import accuracy, clip_score, confusion_matrix
 
     y = model.label_index(test.labels)
     if (y < 0).any():
         unknown = sorted({lab for lab, i in zip(test.labels, y, strict=True) if i < 0})
         raise EvaluatorError(f"test labels not in the train split: {', '.join(unknown[:3])}")
-    frames = test.frames[:, eval_frame(test.frames.shape[1])]
-    audio, image = model.audio_outputs(test.mels), model.image_outputs(frames)
+    out = test if isinstance(test, SplitOutputs) else split_outputs(model, memory_chunks(test),
+                                                                     tokenizers)  # fmt: skip
+    audio, image = out.audio, out.image
     metrics = {
         "audio_acc": accuracy(audio.predicted, y),
         "image_acc": accuracy(image.predicted, y),
@@ -315,9 +448,8 @@ def held_out_metrics(
         "audio": confusion_matrix(audio.predicted, y, k),
         "image": confusion_matrix(image.predicted, y, k),
     }
-    if tokenizers is not None:
-        rec_audio = model.audio_outputs(reconstruct(tokenizers["audio"], test.mels))
-        rec_image = model.image_outputs(reconstruct(tokenizers["image"], frames))
+    if out.audio_codec is not None and out.image_codec is not None:
+        rec_audio, rec_image = out.audio_codec, out.image_codec
         metrics["audio_acc_codec"] = accuracy(rec_audio.predicted, y)
         metrics["image_acc_codec"] = accuracy(rec_image.predicted, y)
         # Which classes the codec loses is what generation inherits (e.g. two orange-ish
@@ -358,17 +490,25 @@ def run_evaluator(
     seed: int,
     meta: dict[str, object] | None = None,
 ) -> EvaluatorSummary:
-    """Train the offline evaluator on `extract_dir`'s train split (with the codec's
-    reconstructions when `cfg.codec_augment`), score it on the test split, save it to `out_dir`
-    (with `meta` added to its config.json) and write `report_dir`/metrics.json, history.csv and
-    evaluator.png."""
+    """Train the offline evaluator on `extract_dir`'s train split (the first `cfg.per_label`
+    clips of each label, or all; with the codec's reconstructions when `cfg.codec_augment`),
+    score it on the test split (streamed), save it to `out_dir` (with `meta` added to its
+    config.json) and write `report_dir`/metrics.json (which states `train_clips` and
+    `train_per_label`), history.csv and evaluator.png. Refuses, before any work, a train subset
+    whose decoded clips would take more than a third of the memory available (training holds
+    them, their codec views and a copy while stacking)."""
     device = resolve_device(cfg.device)
     toks = load_tokenizers(tokenizers_dir, device) if cfg.codec_augment else None
-    train = load_clips(extract_dir, "train", cfg.per_label)
+    available = available_memory()
+    train = load_clips(extract_dir, "train", cfg.per_label,
+                       budget=None if available is None else available // 3)  # fmt: skip
     model, history, timings = train_local_evaluator(train, cfg, seed, device, toks)
-    test = load_clips(extract_dir, "test")
-    metrics, confusion = held_out_metrics(model, test, toks)
-    metrics |= {"train_clips": len(train), "test_clips": len(test)}
+    if not split_size(load_meta(Path(extract_dir)), "test"):
+        raise EvaluatorError(f"{extract_dir} has no clips in split 'test'")
+    test = split_outputs(model, read_chunks(extract_dir, "test"), toks)
+    metrics, confusion = held_out_metrics(model, test)
+    metrics |= {"train_clips": len(train), "train_per_label": cfg.per_label,
+                "test_clips": len(test)}  # fmt: skip
     metrics |= {k: round(v, 1) for k, v in timings.items()}
     model.save(out_dir, {"metrics": metrics, "comparable_to_paper": False, **(meta or {})})
     io.write_json(report_dir / "metrics.json", {"comparable_to_paper": False, **metrics})

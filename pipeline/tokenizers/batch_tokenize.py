@@ -68,7 +68,7 @@ from pipeline.data.tokens import (
     list_array,
 )
 from pipeline.devices import usable_cores
-from pipeline.ray_runtime import ray_session, require_gpus
+from pipeline.ray_runtime import ray_session, require_resources
 from pipeline.tokenizers.layout import MODALITIES, TokenLayout
 from pipeline.tokenizers.tokenizer import Tokenizer, load_tokenizers
 
@@ -526,14 +526,21 @@ def _run_key(extract_dir: Path, tokenizers_dir: Path, cfg: TokenizeConfig) -> st
 
 
 def run_tokenize(
-    cfg: TokenizeConfig, extract_dir: Path, tokenizers_dir: Path, out_dir: Path, cache_dir: Path
+    cfg: TokenizeConfig,
+    extract_dir: Path,
+    tokenizers_dir: Path,
+    out_dir: Path,
+    cache_dir: Path,
+    *,
+    cluster_wait_s: float = 0.0,
 ) -> TokenizeSummary:
     """Tokenize every extracted clip with Ray Data into `out_dir` (see the module doc).
 
     Starts a local Ray instance, or joins the cluster at `RAY_ADDRESS`, unless Ray is already
-    running. Fails with a `TokenizeError` before any work when an input is missing, the
-    tokenizers do not fit the extracted shapes, or the cluster has fewer GPUs than
-    `num_actors * num_gpus_per_actor` (an autoscaling cluster must have them up already).
+    running. Fails with a `TokenizeError` before any work when an input is missing or the
+    tokenizers do not fit the extracted shapes, and with a `ClusterError` when the cluster has
+    fewer GPUs than `num_actors * num_gpus_per_actor` (an autoscaling cluster is asked for them
+    and given `cluster_wait_s` to add them: `ray_runtime.require_resources`).
     """
     start = time.monotonic()
     extract_dir, tokenizers_dir = Path(extract_dir).resolve(), Path(tokenizers_dir).resolve()
@@ -556,10 +563,11 @@ def run_tokenize(
     uri = _scratch_uri(cfg, key)
 
     with ray_session() as startup_s:
-        require_gpus(
-            cfg.num_gpus_per_actor * cfg.num_actors,
+        require_resources(
+            [{"GPU": cfg.num_gpus_per_actor}] * cfg.num_actors,
             f"tokenize asks for {cfg.num_actors} actor(s) x {cfg.num_gpus_per_actor:g} GPU",
             "set tokenize.num_gpus_per_actor to 0 to tokenize on CPU",
+            cluster_wait_s,
         )
         if cfg.num_gpus_per_actor == 0 and cfg.precision != "fp32":
             log.warning("tokenize on CPU: precision %s falls back to fp32", cfg.precision)

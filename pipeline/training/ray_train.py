@@ -34,7 +34,7 @@ from pipeline.data.token_dataset import TokenSplit
 from pipeline.data.tokens import load_token_meta
 from pipeline.devices import usable_cores
 from pipeline.errors import PipelineError
-from pipeline.ray_runtime import ray_session
+from pipeline.ray_runtime import ray_session, require_resources
 from pipeline.training import reports
 from pipeline.training.loop import (
     FolderEnvironment,
@@ -216,14 +216,17 @@ class TrainSummary:
         )
 
 
+def _worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    return {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
+
+
 def _scaling(cfg: TrainConfig):
     import ray.train
 
-    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
     return ray.train.ScalingConfig(
         num_workers=cfg.num_workers,
         use_gpu=cfg.use_gpu,
-        resources_per_worker=resources if cfg.num_workers else None,
+        resources_per_worker=_worker_resources(cfg) if cfg.num_workers else None,
     )
 
 
@@ -310,8 +313,11 @@ def run_train(
     reports_dir: Path,
     tracking: dict[str, str] | None = None,
     stop_after: int | None = None,
+    cluster_wait_s: float = 0.0,
 ) -> TrainSummary:
-    """Train (or resume) the transformer on `tokens_dir`; export to `out_dir` (see module doc)."""
+    """Train (or resume) the transformer on `tokens_dir`; export to `out_dir` (see module doc).
+    The workers' CPUs and GPUs must be in the cluster, or come within `cluster_wait_s` from its
+    autoscaler (`ray_runtime.require_resources`)."""
     start = time.monotonic()
     layout, tokens_meta = load_token_meta(Path(tokens_dir))
     digest = fingerprint(model_cfg, train_cfg, tokens_meta, seed)
@@ -337,6 +343,14 @@ def run_train(
         train_cfg.batch_size,
     )
     with ray_session():
+        if train_cfg.num_workers:
+            per_worker = _worker_resources(train_cfg)
+            require_resources(
+                [per_worker] * train_cfg.num_workers,
+                f"train asks for {train_cfg.num_workers} worker(s) x {per_worker}",
+                "lower train.num_workers or cpus_per_worker (use_gpu: false trains on CPU)",
+                cluster_wait_s,
+            )
         state = fit(job, name, storage, stop_after)
     history = state["history"]
     resumed_from = next((r["step"] for r in history.get("resumed", [])), 0)
