@@ -535,3 +535,36 @@ def low_rank_frechet(a, b) -> float:
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(half.T @ b.sigma @ half), 0, None)).sum()
     diff = a.mu - b.mu
     return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * tr_covmean)
+
+
+# ------------------------------------------------- synthetic, rhythm: rendered mels of every class
+
+
+class ClassMels(NamedTuple):
+    """Real log-mels (80, 848) of rendered demo clips, 5 per class and split, clip-major per
+    class; labels alike; frame_rate in mel frames per second."""
+
+    mels: dict[str, list]
+    labels: dict[str, list[str]]
+    frame_rate: float
+
+
+@pytest.fixture(scope="session")
+def class_mels() -> ClassMels:
+    """Audio only is rendered (frames at a token size), then the extract stage's mel."""
+    from dataclasses import replace
+
+    from pipeline.config import load_params
+    from pipeline.data import audio, synthetic
+
+    params = load_params(ROOT / "params.yaml")
+    cfg = replace(params.download.synthetic, num_classes=8, width=48, height=32, fps=2)
+    mels: dict[str, list] = {}
+    labels: dict[str, list[str]] = {}
+    for split in ("train", "test"):
+        specs = [synthetic.ClipSpec(c, split, i) for c in range(8) for i in range(5)]
+        clips = [synthetic.render_clip(cfg, s, seed=0).audio for s in specs]
+        mels[split] = [audio.log_mel(a, params.extract) for a in clips]
+        labels[split] = [s.label for s in specs]
+    rate = params.extract.sample_rate / params.extract.hop_length
+    return ClassMels(mels, labels, rate)

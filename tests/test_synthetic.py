@@ -13,7 +13,6 @@ import pytest
 from pipeline import io
 from pipeline.config import ExtractConfig, SyntheticConfig, load_params
 from pipeline.data import synthetic
-from pipeline.data.audio import log_mel
 from pipeline.data.download import DownloadError, select_clips
 from pipeline.data.manifest import video_path
 from pipeline.data.synthetic import (
@@ -304,30 +303,28 @@ def test_classes_separate_from_one_frame_and_from_the_spectrum():
         assert predicted == [f[0] for f in feats["test"]], what
 
 
-def _coarse_envelope(audio: np.ndarray, extract: ExtractConfig) -> np.ndarray:
+def _coarse_envelope(mel: np.ndarray, extract: ExtractConfig) -> np.ndarray:
     """What the demo's briefly trained mel tokenizer keeps of a clip (docs/experiments.md, the
     sound bands): the mel averaged over the 16x16 blocks its 5 x 53 ids cover, as each block
     row's mean level and its spread over time."""
-    mel = log_mel(audio, extract)[:, : extract.mel_frames]
+    mel = mel[:, : extract.mel_frames]
     rows, cols = extract.n_mels // 16, extract.mel_frames // 16
     blocks = mel.reshape(rows, 16, cols, 16).mean(axis=(1, 3))
     return np.concatenate([blocks.mean(1), blocks.std(1)])
 
 
-def test_classes_differ_in_the_coarse_mel_envelope():
+def test_classes_differ_in_the_coarse_mel_envelope(class_mels):
     """Each class's sound has a loudness profile over the mel's coarse bands of its own, the part
     of a mel the demo's mel tokenizer keeps, so that generated audio can carry its class: a
     nearest-centroid classifier on that profile names the class of held-out clips. (The bell and
     the flash clicks once shared a profile: 85% here, and generated bells were 0-20% right.)"""
     extract = load_params(Path(__file__).resolve().parents[1] / "params.yaml").extract
-    cfg = replace(TINY, num_classes=8)
-    feats = {}  # split -> (classes, clips, 10)
-    for split in ALL:
-        clips = [[render_clip(cfg, ClipSpec(c, split, i), seed=0) for i in range(5)]
-                 for c in range(8)]  # fmt: skip
-        feats[split] = np.array(
-            [[_coarse_envelope(x.audio, extract) for x in row] for row in clips]
+    feats = {  # split -> (classes, clips, 10)
+        split: np.array([_coarse_envelope(m, extract) for m in class_mels.mels[split]]).reshape(
+            8, 5, -1
         )
+        for split in ALL
+    }
     scale = feats["train"].reshape(-1, feats["train"].shape[-1]).std(0)
     centroids = feats["train"].mean(1) / scale
     distance = np.linalg.norm(feats["test"][:, :, None] / scale - centroids[None, None], axis=-1)
