@@ -117,8 +117,16 @@ def _check_evaluation_outputs(repo: Path, out: str) -> None:
     metrics = json.loads((repo / "reports/evaluate/metrics.json").read_text())
     assert metrics["comparable_to_paper"] is False and metrics["clips"] == 4
     assert set(metrics["image2audio"]) == {"s3", "s1"}
-    for key in ("acc_local", "fd_local", "is_local", "cs_local"):
-        assert key in metrics["image2audio"]["s3"]
+    for key in ("s3", "s1"):  # time structure of generated mels at each CFG scale (issue 28)
+        for name in ("acc_local", "fd_local", "is_local", "cs_local", "acc_rhythm_local",
+                     "period_err_local"):  # fmt: skip
+            assert 0 <= metrics["image2audio"][key][name] < 1000, (key, name)
+    # ... of the real test mels and of the codec's reconstructions, beside it
+    assert 0 <= metrics["reference"]["audio_acc_rhythm_local"] <= 1
+    assert 0 <= metrics["reference"]["audio_period_err_local"] <= 1
+    for name in ("audio_acc_rhythm", "audio_period_err"):
+        assert 0 <= evaluator[name] <= 1 and 0 <= evaluator[f"{name}_codec"] <= 1
+        assert metrics["codec"][f"{name}_codec_local"] == evaluator[f"{name}_codec"]
     assert "fid_local" in metrics["audio2image"]["s1"]
     assert "agreement_local" in metrics["cogenerate"]["free"]
     for name in ("image2audio.png", "audio2image.png", "cogenerate.png", "confusion.png"):

@@ -64,3 +64,32 @@ def test_a_scorer_survives_json(data):
     again = RhythmScorer.from_dict(json.loads(json.dumps(scorer.to_dict())))
     assert again.predict(mels) == scorer.predict(mels)
     assert again.scores(mels, labels) == scorer.scores(mels, labels)
+
+
+def test_the_evaluator_keeps_its_scorer_and_scores_time_beside_the_class(data, tmp_path):
+    """A saved evaluator loads with its rhythm scorer; its mel outputs carry the rhythm rows, in
+    any row order, and `score_audio` reports them as `acc_rhythm_local` / `period_err_local`."""
+    from pipeline.evaluation.local import LocalEvaluator, Outputs
+    from pipeline.evaluation.scoring import reference_of, score_audio, score_reference
+
+    (mels, labels), scorer = data[0]["test"], data[1]
+    evaluator = LocalEvaluator(list(scorer.labels), embed_dim=8, joint_dim=4)
+    evaluator.rhythm = scorer
+    evaluator.save(tmp_path / "ev", {"metrics": {"test_clips": len(mels)}})
+    again = LocalEvaluator.load(tmp_path / "ev")
+    assert again.rhythm is not None and again.rhythm.to_dict() == scorer.to_dict()
+    stack = np.stack(mels).astype(np.float32)
+    audio = again.audio_outputs(stack)
+    order = np.arange(len(mels))[::-1]
+    assert np.array_equal(Outputs.cat([audio.take(order[:3]), audio.take(order[3:])]).rhythm,
+                          audio.rhythm[order])  # fmt: skip
+    ref = reference_of(again, labels, audio, again.image_outputs(np.zeros((len(mels), 8, 8, 3),
+                                                                          np.uint8)))  # fmt: skip
+    expected = scorer.scores(list(stack), labels)
+    real = score_reference(ref)
+    assert real["audio_acc_rhythm_local"] == pytest.approx(expected["acc_rhythm"])
+    assert real["audio_period_err_local"] == pytest.approx(expected["period_err"])
+    # a generated mel is judged against the label of the clip that conditioned it: shifting the
+    # rows by one class (5 clips) puts every mel against another label's rhythm
+    shifted = score_audio(audio, ref, np.roll(np.arange(len(mels)), 5))
+    assert shifted["acc_rhythm_local"] < expected["acc_rhythm"] - 0.5

@@ -119,6 +119,15 @@ def example_rows(n: int, cfg: EvaluateConfig) -> set[int]:
     return set(picked(n, cfg.samples)) | set(picked(n, cfg.figure_clips))
 
 
+def codec_reference(held_out: dict[str, Any]) -> dict[str, Any]:
+    """What the evaluator stage measured on the codec's reconstructions of the whole test split
+    (the ceiling generation inherits from the tokenizers), beside the real mels' figures."""
+    keys = ("audio_acc", "audio_acc_rhythm", "audio_period_err")
+    out = {f"{k}_local": held_out[k] for k in keys if k in held_out}
+    out |= {f"{k}_codec_local": held_out[f"{k}_codec"] for k in keys if f"{k}_codec" in held_out}
+    return (out | {"clips": held_out["test_clips"]}) if out else {}
+
+
 def decode_clips(
     batch: dict[str, np.ndarray], rows: dict[str, int], mel_shape: tuple[int, ...], num_frames: int
 ) -> dict[str, np.ndarray]:
@@ -155,11 +164,6 @@ class Generated:
     seconds: float = 0.0
 
 
-def _concat(parts: list[Outputs], order: np.ndarray) -> Outputs:
-    return Outputs(*(np.concatenate([getattr(p, f) for p in parts])[order]
-                     for f in ("embedding", "logits", "joint")))  # fmt: skip
-
-
 class _Parts:
     """What the driver collects of one (task, s) run, batch by batch."""
 
@@ -175,8 +179,8 @@ class _Parts:
         order = np.argsort(all_rows, kind="stable")
         return Generated(
             all_rows[order],
-            _concat(self.audio, order) if self.audio else None,
-            _concat(self.image, order) if self.image else None,
+            Outputs.cat(self.audio).take(order) if self.audio else None,
+            Outputs.cat(self.image).take(order) if self.image else None,
             self.examples,
             self.seconds,
         )
@@ -359,7 +363,12 @@ class EvaluateSummary:
             for key, values in self.metrics.get(task_name, {}).items():
                 acc = values.get("acc_local", values.get("agreement_local"))
                 fd = values.get("fd_local", values.get("fid_local"))
-                parts.append(f"{task_name} {key}: accuracy {acc:.1%}, FD {fd:.2f}")
+                rhythm = (
+                    f", rhythm {values['acc_rhythm_local']:.1%}"
+                    if "acc_rhythm_local" in values
+                    else ""
+                )
+                parts.append(f"{task_name} {key}: accuracy {acc:.1%}{rhythm}, FD {fd:.2f}")
         return "; ".join(parts)
 
 
@@ -411,7 +420,10 @@ def run_evaluate(
         "clips": len(test),
         **describe_settings(gen_cfg),
         "reference": score_reference(ref),
+        "codec": codec_reference(evaluator.held_out),
     }
+    for section in ("reference", "codec"):
+        _log(tracking_run, section, metrics[section])
     official = OfficialMetrics.load(evaluator_cfg.official, device)
     if official is not None:
         add_references(official, test, Path(paths.clips))

@@ -7,6 +7,9 @@ trained by the pipeline on its own train split, because no pretrained extractor 
   the dataset's labels gives IS and the **class accuracy** of generated samples.
 - `Projection` heads map both embeddings into one space, trained with a symmetric InfoNCE loss
   on matching (frame, mel) pairs, for a CS-style score (100 x mean cosine).
+- `rhythm`, a `pipeline.metrics.rhythm.RhythmScorer` fit on the same train mels, scores time
+  structure only (`acc_rhythm_local`, `period_err_local`), which the classifier's accuracy,
+  earned by the band envelope alone, would not notice.
 
 Numbers from these networks are named `*_local` and flagged `comparable_to_paper: false`: their
 scale has nothing to do with the paper's PANNs/VGGish/CLIP figures.
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import checkpoint
+from pipeline.metrics.rhythm import RhythmScorer
 
 NAME = "local-v1"
 
@@ -121,6 +125,8 @@ class LocalEvaluator(nn.Module):
         self.audio_proj = Projection(embed_dim, joint_dim)
         self.image_proj = Projection(embed_dim, joint_dim)
         self.sha256 = ""
+        self.rhythm: RhythmScorer | None = None
+        self.held_out: dict[str, Any] = {}  # the evaluator stage's metrics on the test split
 
     @property
     def device(self) -> torch.device:
@@ -149,7 +155,10 @@ class LocalEvaluator(nn.Module):
         return Outputs(torch.cat(embs).numpy(), torch.cat(logits).numpy(), torch.cat(joint).numpy())
 
     def audio_outputs(self, mels: np.ndarray, batch_size: int = 32) -> Outputs:
-        return self._run(self.audio, self.audio_proj, mels.astype(np.float32), batch_size)
+        out = self._run(self.audio, self.audio_proj, mels.astype(np.float32), batch_size)
+        if self.rhythm is not None:
+            out.rhythm = self.rhythm.describe(mels)
+        return out
 
     def image_outputs(self, frames: np.ndarray, batch_size: int = 64) -> Outputs:
         return self._run(self.image, self.image_proj, frames, batch_size)
@@ -157,6 +166,8 @@ class LocalEvaluator(nn.Module):
     def save(self, folder: str | Path, extra: dict[str, Any]) -> Path:
         meta = {"name": NAME, "labels": self.labels, "embed_dim": self.embed_dim,
                 "joint_dim": self.joint_dim} | extra  # fmt: skip
+        if self.rhythm is not None:
+            meta["rhythm"] = self.rhythm.to_dict()
         return checkpoint.save(folder, self, meta)
 
     @classmethod
@@ -170,16 +181,21 @@ class LocalEvaluator(nn.Module):
         model = cls(meta["labels"], meta["embed_dim"], meta["joint_dim"])
         checkpoint.load_into(model, state, "local evaluator")
         model.sha256 = state.sha256
+        if "rhythm" in meta:  # evaluators saved before the rhythm score have none
+            model.rhythm = RhythmScorer.from_dict(meta["rhythm"])
+        model.held_out = dict(meta.get("metrics", {}))
         return model.to(device).eval()
 
 
 @dataclass
 class Outputs:
-    """Per-row embedding (n, D), class logits (n, classes), joint-space unit vector (n, d)."""
+    """Per-row embedding (n, D), class logits (n, classes), joint-space unit vector (n, d);
+    for mels scored by an evaluator with a rhythm scorer, its `describe` rows (n, 3)."""
 
     embedding: np.ndarray
     logits: np.ndarray
     joint: np.ndarray
+    rhythm: np.ndarray | None = None
 
     @property
     def predicted(self) -> np.ndarray:
@@ -188,5 +204,14 @@ class Outputs:
     @staticmethod
     def cat(parts: list[Outputs]) -> Outputs:
         """The rows of `parts` one after the other (at least one part)."""
-        return Outputs(*(np.concatenate([getattr(p, f) for p in parts])
-                         for f in ("embedding", "logits", "joint")))  # fmt: skip
+        joined = [np.concatenate([getattr(p, f) for p in parts])
+                  for f in ("embedding", "logits", "joint")]  # fmt: skip
+        rhythm = [p.rhythm for p in parts]
+        if any(r is None for r in rhythm):
+            return Outputs(*joined)
+        return Outputs(*joined, rhythm=np.concatenate(rhythm))
+
+    def take(self, index: np.ndarray) -> Outputs:
+        """The rows at `index`, in its order."""
+        rhythm = None if self.rhythm is None else self.rhythm[index]
+        return Outputs(self.embedding[index], self.logits[index], self.joint[index], rhythm)

@@ -2,8 +2,9 @@
 
 Every key ends in `_local`: FD on the evaluator's embeddings, IS on its softmax over the
 dataset's labels, class accuracy of the generated sample against the label of the clip that
-conditioned it, and a CS-style 100 x cosine in the evaluator's joint space. None of them is on
-the scale of the paper's PANNs/VGGish/CLIP numbers.
+conditioned it, a CS-style 100 x cosine in the evaluator's joint space, and for mels the time
+structure alone (`acc_rhythm_local`, `period_err_local`: `pipeline.metrics.rhythm`). None of them
+is on the scale of the paper's PANNs/VGGish/CLIP numbers.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pipeline.metrics.math import (
     frechet_distance,
     inception_score,
 )
+from pipeline.metrics.rhythm import RhythmScorer
 
 
 @dataclass
@@ -33,6 +35,8 @@ class Reference:
     image: Outputs  # conditioning frames
     audio_stats: GaussianStats
     image_stats: GaussianStats
+    rhythm: RhythmScorer | None = None  # the evaluator's, with its label names
+    names: tuple[str, ...] = ()
 
 
 def reference(
@@ -60,6 +64,8 @@ def reference_of(
         image,
         GaussianStats.from_features(audio.embedding),
         GaussianStats.from_features(image.embedding),
+        ev.rhythm,
+        tuple(ev.labels),
     )
 
 
@@ -72,6 +78,15 @@ def _fd(features: np.ndarray, ref: GaussianStats) -> float:
     return frechet_distance(GaussianStats.from_features(features), ref)
 
 
+def rhythm_scores(out: Outputs, ref: Reference, rows: np.ndarray) -> dict[str, float]:
+    """acc_rhythm and period_err of mels (row i judged against reference clip `rows[i]`'s
+    label); nothing when the evaluator has no rhythm scorer."""
+    if ref.rhythm is None or out.rhythm is None:
+        return {}
+    labels = [ref.names[i] for i in ref.labels[rows]]
+    return ref.rhythm.score_rows(out.rhythm, labels)
+
+
 def score_audio(out: Outputs, ref: Reference, rows: np.ndarray) -> dict[str, float]:
     """Evaluator outputs of generated mels; row i was conditioned on reference clip `rows[i]`."""
     return {
@@ -79,7 +94,7 @@ def score_audio(out: Outputs, ref: Reference, rows: np.ndarray) -> dict[str, flo
         "fd_local": _fd(out.embedding, ref.audio_stats),
         "is_local": _is(out.logits),
         "cs_local": clip_score(ref.image.joint[rows], out.joint),
-    }
+    } | {f"{k}_local": v for k, v in rhythm_scores(out, ref, rows).items()}
 
 
 def score_image(out: Outputs, ref: Reference, rows: np.ndarray) -> dict[str, float]:
@@ -113,4 +128,4 @@ def score_reference(ref: Reference) -> dict[str, float]:
         "audio_is_local": _is(ref.audio.logits),
         "cs_local": clip_score(ref.image.joint[rows], ref.audio.joint[rows]),
         "cs_shuffled_local": clip_score(ref.image.joint, np.roll(ref.audio.joint, 1, axis=0)),
-    }
+    } | {f"audio_{k}_local": v for k, v in rhythm_scores(ref.audio, ref, rows).items()}

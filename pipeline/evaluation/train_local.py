@@ -34,6 +34,7 @@ from pipeline.devices import available_memory, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.evaluation.figures import evaluator_figure
 from pipeline.evaluation.local import LocalEvaluator, Outputs
+from pipeline.metrics.rhythm import RhythmScorer
 from pipeline.tokenizers.tokenizer import Tokenizer, load_tokenizers
 
 
@@ -425,7 +426,8 @@ def held_out_metrics(
     reconstructions when the tokenizers are given: the ceiling for generated samples), with a
     confusion matrix for each (keys "audio", "image", "audio codec", "image codec"); the
     CS-style score of matching and of shuffled pairs; image→audio retrieval top-1 among all test
-    clips. `test` is the split in memory, or the outputs `split_outputs` streamed from it (with
+    clips; with the model's rhythm scorer, `audio_acc_rhythm` and `audio_period_err` (and their
+    `_codec` twins). `test` is the split in memory, or the outputs `split_outputs` streamed from it (with
     the codec ones when it was given the tokenizers)."""
     from pipeline.metrics.math import accuracy, clip_score, confusion_matrix
 
@@ -443,6 +445,10 @@ def held_out_metrics(
         "cs_shuffled": clip_score(image.joint, np.roll(audio.joint, 1, axis=0)),
         "retrieval_top1": accuracy((image.joint @ audio.joint.T).argmax(1), np.arange(len(y))),
     }
+    if model.rhythm is not None and audio.rhythm is not None:
+        metrics |= {
+            f"audio_{k}": v for k, v in model.rhythm.score_rows(audio.rhythm, test.labels).items()
+        }
     k = len(model.labels)
     confusion = {
         "audio": confusion_matrix(audio.predicted, y, k),
@@ -452,6 +458,9 @@ def held_out_metrics(
         rec_audio, rec_image = out.audio_codec, out.image_codec
         metrics["audio_acc_codec"] = accuracy(rec_audio.predicted, y)
         metrics["image_acc_codec"] = accuracy(rec_image.predicted, y)
+        if model.rhythm is not None and rec_audio.rhythm is not None:
+            rhythm = model.rhythm.score_rows(rec_audio.rhythm, test.labels)
+            metrics |= {f"audio_{k}_codec": v for k, v in rhythm.items()}
         # Which classes the codec loses is what generation inherits (e.g. two orange-ish
         # objects that the demo's image VQGAN blurs into one blob).
         confusion["audio codec"] = confusion_matrix(rec_audio.predicted, y, k)
@@ -475,7 +484,8 @@ class EvaluatorSummary:
         return (
             f"evaluator: {len(self.labels)} labels, {m['train_clips']} train clips; on "
             f"{m['test_clips']} test clips audio accuracy {m['audio_acc']:.1%}, image "
-            f"{m['image_acc']:.1%}, CS matched {m['cs_matched']:.1f} vs shuffled "
+            f"{m['image_acc']:.1%}, rhythm {m.get('audio_acc_rhythm', float('nan')):.1%}, CS "
+            f"matched {m['cs_matched']:.1f} vs shuffled "
             f"{m['cs_shuffled']:.1f} -> {out_dir}"
         )
 
@@ -491,8 +501,8 @@ def run_evaluator(
     meta: dict[str, object] | None = None,
 ) -> EvaluatorSummary:
     """Train the offline evaluator on `extract_dir`'s train split (the first `cfg.per_label`
-    clips of each label, or all; with the codec's reconstructions when `cfg.codec_augment`),
-    score it on the test split (streamed), save it to `out_dir` (with `meta` added to its
+    clips of each label, or all; with the codec's reconstructions when `cfg.codec_augment`), fit
+    its rhythm scorer on the same mels, score both on the test split (streamed), save it to `out_dir` (with `meta` added to its
     config.json) and write `report_dir`/metrics.json (which states `train_clips` and
     `train_per_label`), history.csv and evaluator.png. Refuses, before any work, a train subset
     whose decoded clips would take more than a third of the memory available (training holds
@@ -503,6 +513,10 @@ def run_evaluator(
     train = load_clips(extract_dir, "train", cfg.per_label,
                        budget=None if available is None else available // 3)  # fmt: skip
     model, history, timings = train_local_evaluator(train, cfg, seed, device, toks)
+    mel = load_meta(Path(extract_dir))["mel"]
+    model.rhythm = RhythmScorer.fit(
+        train.mels, train.labels, mel["sample_rate"] / mel["hop_length"]
+    )
     if not split_size(load_meta(Path(extract_dir)), "test"):
         raise EvaluatorError(f"{extract_dir} has no clips in split 'test'")
     test = split_outputs(model, read_chunks(extract_dir, "test"), toks)

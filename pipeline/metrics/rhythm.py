@@ -145,8 +145,10 @@ class RhythmScorer:
 
     def period_error(self, mel: np.ndarray, label: str) -> float:
         """0 when `mel`'s periodicity matches `label`'s, up to 1 (see the module doc)."""
-        i = self.labels.index(label)
         peak, period = periodicity(envelope(np.asarray(mel, dtype=np.float64)), self.frame_rate)
+        return self._period_error(peak, period, self.labels.index(label))
+
+    def _period_error(self, peak: float, period: float, i: int) -> float:
         if not self.periodic[i]:
             return float(peak >= PERIODIC_PEAK)
         if peak < PERIODIC_PEAK:
@@ -156,17 +158,32 @@ class RhythmScorer:
             return 0.0
         return float(min(1.0, (low - period) / low if period < low else (period - high) / high))
 
+    def describe(self, mels: Sequence[np.ndarray]) -> np.ndarray:
+        """Per mel (n, 3) float64: the index of its nearest label in `labels`, and its envelope's
+        periodicity (peak height, period in s; nan when none): what `score_rows` needs, small
+        enough to keep for every generated clip."""
+        if not len(mels):
+            return np.zeros((0, 3), np.float64)
+        nearest = [self.labels.index(y) for y in self.predict(mels)]
+        period = [periodicity(envelope(np.asarray(m, dtype=np.float64)), self.frame_rate)
+                  for m in mels]  # fmt: skip
+        return np.column_stack([nearest, np.asarray(period)]).astype(np.float64)
+
+    def score_rows(self, rows: np.ndarray, labels: Sequence[str]) -> dict[str, float]:
+        """`scores` from `describe`'s rows (n, 3) and each mel's label."""
+        kept = [(r, self.labels.index(y)) for r, y in zip(rows, labels, strict=True)
+                if y in self.labels]  # fmt: skip
+        if not kept:
+            return {"acc_rhythm": float("nan"), "period_err": float("nan")}
+        return {
+            "acc_rhythm": float(np.mean([int(r[0]) == i for r, i in kept])),
+            "period_err": float(np.mean([self._period_error(r[1], r[2], i) for r, i in kept])),
+        }
+
     def scores(self, mels: Sequence[np.ndarray], labels: Sequence[str]) -> dict[str, float]:
         """acc_rhythm (share of mels whose nearest label is theirs) and period_err (mean), over
         mels whose label the scorer knows."""
-        kept = [(m, y) for m, y in zip(mels, labels, strict=True) if y in self.labels]
-        if not kept:
-            return {"acc_rhythm": float("nan"), "period_err": float("nan")}
-        guess = self.predict([m for m, _ in kept])
-        return {
-            "acc_rhythm": float(np.mean([g == y for g, (_, y) in zip(guess, kept, strict=True)])),
-            "period_err": float(np.mean([self.period_error(m, y) for m, y in kept])),
-        }
+        return self.score_rows(self.describe(mels), labels)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
