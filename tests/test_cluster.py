@@ -355,7 +355,7 @@ class Cluster:
 
     def train_workers(self) -> dict[str, str]:
         """actor id -> node id of every Ray Train worker this cluster has run."""
-        from ray.util.state import list_actors, list_tasks
+        from ray.util.state import list_actors
 
         actors = list_actors(address=self.address, detail=True, limit=1000,
                              filters=[("class_name", "=", "RayTrainWorker")])  # fmt: skip
