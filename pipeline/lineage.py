@@ -7,9 +7,10 @@ No MLflow here: `pipeline.tracking` turns these facts into tags, datasets and a 
   is its own `${paths.x}` out. dvc.yaml is read, not repeated here, so the lineage follows the DAG
   DVC runs.
 * **Content digest.** An output folder is identified by the sha256 of its sidecars: `meta.json`
-  at its top and in each sub-folder (the tokenizers' image/, audio/, vocoder/), and the clip
-  manifest. Each sidecar lists the hashes or counts of the shards beside it, so the digest
-  changes when the data does, and costs a few small reads whatever the data's size.
+  of a data folder and `config.json` of a model folder (which records its weights' sha256), at its
+  top and in each sub-folder (the tokenizers' image/, audio/, vocoder/), and the clip manifest.
+  Each sidecar lists the hashes or counts of the files beside it, so the digest changes when the
+  data does, and costs a few small reads whatever the data's size.
 * **One `dvc repro`.** DVC starts each stage as its own shell command and gives a plain `repro`
   no id (`dvc exp run` adds `DVC_EXP_NAME`); it sets `DVC_STAGE` for every stage command
   (docs/references.md, "DVC and MLflow behaviour"). The process that launched the stage is that
@@ -33,6 +34,9 @@ import yaml
 
 from pipeline import io
 from pipeline.data.manifest import MANIFEST_NAME
+
+# `pipeline.checkpoint.CONFIG_NAME`, named here so that reading lineage never imports torch
+MODEL_CONFIG_NAME = "config.json"
 
 DVC_FILE = "dvc.yaml"
 # Outputs read as data (logged as MLflow datasets); the others are models.
@@ -78,9 +82,10 @@ def content_digest(folder: str | Path) -> str | None:
     """sha256 over the sidecars of a stage output folder (see the module doc), None when it has
     none (not made yet)."""
     folder = Path(folder)
-    sidecars = [folder / io.META_NAME, folder / MANIFEST_NAME]
+    sidecars = [folder / io.META_NAME, folder / MODEL_CONFIG_NAME, folder / MANIFEST_NAME]
     if folder.is_dir():
-        sidecars += sorted(folder.glob(f"*/{io.META_NAME}"))
+        for name in (io.META_NAME, MODEL_CONFIG_NAME):
+            sidecars += sorted(folder.glob(f"*/{name}"))
     digest, found = hashlib.sha256(), False
     for path in sidecars:
         if path.is_file():

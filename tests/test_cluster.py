@@ -626,7 +626,8 @@ def _download_cfg(tmp_path: Path, url: str, nodes: int):
 
 class _NodeKiller:
     """SIGKILLs node_b's downloader actor once `after` clips were asked of the server and node_b
-    has begun one; notes the finished clip files (and their inodes) at that moment."""
+    has finished a shard (so it has clips to its name) and begun another; notes the finished clip
+    files (and their inodes) at that moment."""
 
     def __init__(self, cluster: Cluster, server, clips: Path, after: int) -> None:
         import threading
@@ -638,13 +639,19 @@ class _NodeKiller:
         self.thread = threading.Thread(target=self._watch, daemon=True)
 
     def _watch(self) -> None:
-        from ray.util.state import list_actors
+        from ray.util.state import list_actors, list_tasks
 
         node_b = next(n for n, name in self.cluster.nodes().items() if name == "node_b")
         work = self.clips / ".tmp-download"
         while not self.stop.wait(0.2):
             asked = {r[2] for r in self.server.requests}
             if len(asked) < self.after or not list(work.glob(f"node-{node_b[:12]}-*")):
+                continue
+            # On a loaded machine node_a can take the first `after` clips alone: wait for a shard
+            # of node_b's to come back, or the manifest may rightly name node_a only.
+            shards = list_tasks(address=self.cluster.address, detail=True, filters=[
+                ("name", "=", "Downloader.fetch"), ("state", "=", "FINISHED")])  # fmt: skip
+            if not any(task.node_id == node_b for task in shards):
                 continue
             actors = list_actors(address=self.cluster.address, detail=True, filters=[
                 ("class_name", "=", "Downloader"), ("state", "=", "ALIVE")])  # fmt: skip

@@ -106,7 +106,7 @@ def _config(tmp_path: Path, rows: str, url: str, **vggsound) -> DownloadConfig:
     return DownloadConfig(
         source="vggsound", limit=0, splits=("train", "test"), classes=(), retry_failed=False,
         synthetic=SyntheticConfig(2, 1, 1, 64, 48, 10, 16000, 10.0),
-        vggsound=VGGSoundConfig(**options), local=LocalConfig("", ""),
+        vggsound=VGGSoundConfig(**options), local=LocalConfig("sources/videos", "sources/labels.csv"),
     )  # fmt: skip
 
 
@@ -294,7 +294,10 @@ def test_a_failed_download_run_under_dvc_keeps_the_previous_summary(tmp_path):
     repo = new_tiny_repo(tmp_path / "repo")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["download"]["source"] = "local"
+    # both exist (DVC checks its dependencies first), but the folder is a file: the stage fails
     params["download"]["local"] = {"videos_dir": "nowhere", "labels_csv": "nowhere.csv"}
+    (repo / "nowhere").write_text("not a folder\n")
+    (repo / "nowhere.csv").write_text("file,label\n")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     summary = repo / "reports" / "download" / "summary.json"
     summary.parent.mkdir(parents=True)

@@ -136,16 +136,26 @@ def test_stage_inputs_follow_dvc_yaml_from_evaluate_back_to_download():
 
 
 def test_content_digest_covers_every_sidecar_and_nothing_else(tmp_path):
-    folder = tmp_path / "tokenizers"
+    from pipeline import checkpoint
+
+    assert lineage.MODEL_CONFIG_NAME == checkpoint.CONFIG_NAME
+    folder = tmp_path / "tokenizers"  # model folders: config.json beside the weights
     assert lineage.content_digest(folder) is None
     for name in ("image", "audio"):
-        io.write_json(folder / name / "meta.json", {"modality": name})
-    (folder / "image" / "weights.pt").write_bytes(b"w1")
+        io.write_json(folder / name / "config.json", {"modality": name})
+    (folder / "image" / "model.safetensors").write_bytes(b"w1")
     first = lineage.content_digest(folder)
-    (folder / "image" / "weights.pt").write_bytes(b"w2")  # its sha256 is in meta.json
+    (folder / "image" / "model.safetensors").write_bytes(b"w2")  # its sha256 is in config.json
     assert lineage.content_digest(folder) == first
-    io.write_json(folder / "audio" / "meta.json", {"modality": "audio", "steps": 2})
+    io.write_json(folder / "audio" / "config.json", {"modality": "audio", "steps": 2})
     assert lineage.content_digest(folder) not in (first, None)
+    data = tmp_path / "extract"  # data folders: meta.json beside the shards
+    io.write_json(data / "meta.json", {"counts": {"train": 2}})
+    (data / "train-0.parquet").write_bytes(b"rows")
+    before = lineage.content_digest(data)
+    assert before is not None
+    io.write_json(data / "meta.json", {"counts": {"train": 3}})
+    assert lineage.content_digest(data) not in (before, None)
 
 
 def _project(tmp_path, monkeypatch) -> tuple[Path, PathsConfig]:
