@@ -117,10 +117,11 @@ def _check_evaluation_outputs(repo: Path, out: str) -> None:
     metrics = json.loads((repo / "reports/evaluate/metrics.json").read_text())
     assert metrics["comparable_to_paper"] is False and metrics["clips"] == 4
     assert set(metrics["image2audio"]) == {"s3", "s1"}
-    for key in ("s3", "s1"):  # time structure of generated mels at each CFG scale (issue 28)
-        for name in ("acc_local", "fd_local", "is_local", "cs_local", "acc_rhythm_local",
-                     "period_err_local"):  # fmt: skip
-            assert 0 <= metrics["image2audio"][key][name] < 1000, (key, name)
+    for key in ("s3", "s1"):  # with the time structure of generated mels at each CFG scale
+        for name in ("acc_local", "fd_local", "is_local", "cs_local"):
+            assert name in metrics["image2audio"][key]
+        for name in ("acc_rhythm_local", "period_err_local"):
+            assert 0 <= metrics["image2audio"][key][name] <= 1, (key, name)
     # ... of the real test mels and of the codec's reconstructions, beside it
     assert 0 <= metrics["reference"]["audio_acc_rhythm_local"] <= 1
     assert 0 <= metrics["reference"]["audio_period_err_local"] <= 1
