@@ -34,6 +34,11 @@ def test_periodicity_finds_a_pulse_train_and_not_noise():
     noise_peak, _ = periodicity(np.random.default_rng(0).normal(size=860), rate)
     assert noise_peak < 0.3
     assert not autocorrelation(np.ones(100), 10).any()
+    # one short bump over faint noise: every autocorrelation peak in range is below 0 (a generated
+    # mel at N = 2 did this, and the first-peak search found nothing to return)
+    t = np.arange(860)
+    bump = np.exp(-0.5 * ((t - 430) / 4) ** 2) + np.random.default_rng(0).normal(0, 1e-3, 860)
+    assert periodicity(bump, rate) == (0.0, pytest.approx(float("nan"), nan_ok=True))
 
 
 def test_real_mels_pass(data):

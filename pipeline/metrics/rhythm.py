@@ -61,13 +61,15 @@ def autocorrelation(x: np.ndarray, lags: int) -> np.ndarray:
 
 def periodicity(x: np.ndarray, frame_rate: float) -> tuple[float, float]:
     """(peak height, period in s) of x's first strong autocorrelation peak in [0.15 s, 4.6 s];
-    (0, nan) when there is no peak."""
+    (0, nan) when there is no peak above 0."""
     lo = int(MIN_PERIOD_S * frame_rate)
     acf = autocorrelation(x, int(MAX_LAG_S * frame_rate))[lo - 1 :]  # lag lo at index 0
     peaks = [i for i in range(1, len(acf) - 1) if acf[i - 1] <= acf[i] >= acf[i + 1]]
     if not peaks:
         return 0.0, float("nan")
     best = max(acf[i] for i in peaks)
+    if best <= 0:  # only dips below the mean: nothing repeats
+        return 0.0, float("nan")
     first = next(i for i in peaks if acf[i] >= STRONG_PEAK * best)
     return float(acf[first]), (first + lo) / frame_rate
 
