@@ -273,15 +273,16 @@ def test_bench_accuracy_spread_reproduces_evaluate_at_seed_0(tiny_repo):
 
 def test_bench_memory_evaluate_does_not_grow_with_the_test_split(tiny_repo):
     """bench/memory.py on the tiny model: evaluate's driver on 10x the test clips (the tiny test
-    clips repeated) peaks within a generous 100 MB of the small run. Before it streamed the
-    split, 400 such clips cost 351 MB more than 40 (754 -> 1105 MB, docs/benchmarks.md)."""
+    clips repeated) peaks within 1.2x of the small run, the issue's goal for "flat". Before it
+    streamed the split, 400 such clips took 1.47x the memory of 40 (754 -> 1105 MB); now 240
+    take 1.13-1.15x of 24 (docs/benchmarks.md, "Evaluate's memory")."""
     spec = importlib.util.spec_from_file_location("memory", ROOT / "bench" / "memory.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     small, large = (module.measure(tiny_repo, n, steps=1, guidance=3.0, batch_size=128)
                     for n in (24, 240))  # fmt: skip
     assert (small["clips"], large["clips"]) == (24, 240)
-    assert large["peak_rss_mb"] - small["peak_rss_mb"] < 100, (small, large)
+    assert large["peak_rss_mb"] <= 1.2 * small["peak_rss_mb"], (small, large)
     assert not (tiny_repo / "data/.cache/bench-memory/extract-240").exists()
 
 
