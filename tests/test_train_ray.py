@@ -111,8 +111,28 @@ def test_auto_run_name_changes_with_the_optimisation_only():
     assert fingerprint(MODEL, logging_only, meta, 0) == base
     assert fingerprint(MODEL, dataclasses.replace(PARAMS.train, base_lr=1e-3), meta, 0) != base
     assert fingerprint(MODEL, PARAMS.train, {"files": {"train": [{"sha256": "b"}]}}, 0) != base
+    assert fingerprint(MODEL, PARAMS.train, meta, 0, code="other") != base
     assert run_name(PARAMS.train, base) == f"train-{base[:12]}"
     assert run_name(dataclasses.replace(PARAMS.train, run_name="mine"), base) == "mine"
+
+
+def test_the_run_name_follows_the_training_code(tmp_path):
+    """A finished run is resumed only by the code that trained it: an edit to the masking (as
+    issue 22's ratio-0 fix was) names a new run; an edit elsewhere does not."""
+    import shutil
+
+    from pipeline.training.ray_train import OPTIMISATION_CODE, PACKAGE_ROOT, code_digest
+
+    copy = tmp_path / "pipeline"
+    shutil.copytree(PACKAGE_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert code_digest(copy) == code_digest()
+    (copy / "stage.py").write_text("# not training code\n")
+    assert code_digest(copy) == code_digest()
+    masking = copy / "masking.py"
+    text = masking.read_text()
+    assert "clamp(0, length)" in text and "masking.py" in OPTIMISATION_CODE
+    masking.write_text(text.replace("clamp(0, length)", "clamp(1, length)"))
+    assert code_digest(copy) != code_digest()
 
 
 def test_a_worker_trains_where_use_gpu_says():

@@ -4,8 +4,9 @@
 params (`num_workers: 0` is Ray Train's local mode, in the stage process), DDP over gloo on CPU
 or NCCL on GPUs, checkpoints reported to `RunConfig(storage_path, name)`. Rerunning with the same
 run name resumes from the run's last checkpoint; `train.run_name: auto` names the run after a
-hash of everything that defines the optimisation, so changed params start a new run and an
-interrupted identical one resumes. At the end the unwrapped weights and meta.json go to
+hash of everything that defines the optimisation (params, token files, seed and the code of
+`OPTIMISATION_CODE`), so changed params or training code start a new run and an interrupted
+identical one resumes. At the end the unwrapped weights and config.json go to
 `models/transformer/`, and the reports (metrics, loss curves, reconstruction figure) to
 `reports/train/`.
 
@@ -66,14 +67,35 @@ _RUN_ONLY_FIELDS = (
 )
 
 
-def fingerprint(model: ModelConfig, train: TrainConfig, tokens_meta: dict, seed: int) -> str:
-    """sha256 of what defines the optimisation: model, optimiser, masking, data files, seed."""
+# The modules (under pipeline/) whose code decides what a training step computes: a run trained
+# by other code is not resumed (a finished one would otherwise come back as the new model).
+OPTIMISATION_CODE = (
+    "data/token_dataset.py", "devices.py", "masking.py", "models/transformer.py",
+    "tokenizers/layout.py", "training/loop.py", "training/objective.py", "training/optim.py",
+)  # fmt: skip
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def code_digest(root: Path = PACKAGE_ROOT) -> str:
+    """sha256 over the source of OPTIMISATION_CODE under `root`."""
+    digest = hashlib.sha256()
+    for name in OPTIMISATION_CODE:
+        digest.update(name.encode() + b"\0" + (root / name).read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def fingerprint(
+    model: ModelConfig, train: TrainConfig, tokens_meta: dict, seed: int, code: str | None = None
+) -> str:
+    """sha256 of what defines the optimisation: model, optimiser, masking, data files, seed and
+    the training code (`code_digest()` unless given)."""
     train_part = {k: v for k, v in asdict(train).items() if k not in _RUN_ONLY_FIELDS}
     files = {s: [e["sha256"] for e in entries] for s, entries in tokens_meta["files"].items()}
     blob = json.dumps(
-        {"model": asdict(model), "train": train_part, "files": files, "seed": seed},
+        {"model": asdict(model), "train": train_part, "files": files, "seed": seed,
+         "code": code if code is not None else code_digest()},
         sort_keys=True,
-    )
+    )  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
