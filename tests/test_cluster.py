@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -679,6 +680,10 @@ def test_download_fans_out_over_the_nodes_and_survives_a_lost_node(
     _join(ray_cluster, monkeypatch)
     clips = tmp_path / "clips"
     cfg = _download_cfg(tmp_path, download_server.url_template, nodes=2)
+    # 0.25 s before each clip: node_b still holds shards when Ray's state API (which reports
+    # with a lag) first shows one of its shards back, so the kill lands mid-shard.
+    paced = dataclasses.replace(cfg.vggsound, sleep_interval=0.25, max_sleep_interval=0.25)
+    cfg = dataclasses.replace(cfg, vggsound=paced)
     killer = _NodeKiller(ray_cluster, download_server, clips, after=12)
     killer.thread.start()
     try:
