@@ -89,12 +89,17 @@ def modulation_spectrum(x: np.ndarray, frame_rate: float) -> np.ndarray:
 
 def features(mel: np.ndarray, frame_rate: float) -> np.ndarray:
     """The time-only features of one mel (F, T) in [0, 1] -> (35,) float64."""
+    return analyse(mel, frame_rate)[0]
+
+
+def analyse(mel: np.ndarray, frame_rate: float) -> tuple[np.ndarray, float, float]:
+    """`features` of one mel, with its envelope's periodicity (peak height, period in s)."""
     mel = np.asarray(mel, dtype=np.float64)
     env, onset = envelope(mel), onsets(mel)
     peak_e, period_e = periodicity(env, frame_rate)
     peak_o, period_o = periodicity(onset, frame_rate)
     log_period = [np.log(p) if np.isfinite(p) else 0.0 for p in (period_e, period_o)]
-    return np.concatenate(
+    feats = np.concatenate(
         [
             modulation_spectrum(env, frame_rate),
             modulation_spectrum(onset, frame_rate),
@@ -102,6 +107,7 @@ def features(mel: np.ndarray, frame_rate: float) -> np.ndarray:
             [np.log(env.std() + 1e-4), np.log(onset.std() + 1e-5), np.log(onset.mean() + 1e-5)],
         ]
     )
+    return feats, peak_e, period_e
 
 
 @dataclass(frozen=True)
@@ -123,14 +129,14 @@ class RhythmScorer:
         cls, mels: Iterable[np.ndarray], labels: Sequence[str], frame_rate: float
     ) -> RhythmScorer:
         """Learn from real mels (F, T) of the train split and their labels."""
-        mels = [np.asarray(m, dtype=np.float64) for m in mels]
-        feats = np.stack([features(m, frame_rate) for m in mels])  # (n, D)
+        rows = [analyse(m, frame_rate) for m in mels]
+        feats = np.stack([f for f, _, _ in rows])  # (n, D)
         y = np.asarray(labels)
         names = tuple(sorted(set(labels)))
         mean, scale = feats.mean(axis=0), feats.std(axis=0) + 1e-6
         z = (feats - mean) / scale
         centroids = np.stack([z[y == name].mean(axis=0) for name in names])
-        peak, period = np.array([periodicity(envelope(m), frame_rate) for m in mels]).T  # (n,)
+        peak, period = np.array([(p, t) for _, p, t in rows]).T  # (n,)
         periodic = np.array([np.mean(peak[y == name] >= PERIODIC_PEAK) >= 0.5 for name in names])
         periods = np.full((len(names), 2), np.nan)
         for i, name in enumerate(names):
@@ -141,9 +147,13 @@ class RhythmScorer:
 
     def predict(self, mels: Iterable[np.ndarray]) -> list[str]:
         """The nearest label of each mel."""
-        z = (np.stack([features(m, self.frame_rate) for m in mels]) - self.mean) / self.scale
-        dist = ((z[:, None, :] - self.centroids[None]) ** 2).sum(axis=-1)  # (n, C)
-        return [self.labels[i] for i in dist.argmin(axis=1)]
+        return [self.labels[i] for i in self._nearest(np.stack([features(m, self.frame_rate)
+                                                                for m in mels]))]  # fmt: skip
+
+    def _nearest(self, feats: np.ndarray) -> np.ndarray:
+        """Index in `labels` of the nearest centroid of each row of feats (n, D)."""
+        z = (feats - self.mean) / self.scale
+        return ((z[:, None, :] - self.centroids[None]) ** 2).sum(axis=-1).argmin(axis=1)  # (n,)
 
     def period_error(self, mel: np.ndarray, label: str) -> float:
         """0 when `mel`'s periodicity matches `label`'s, up to 1 (see the module doc)."""
@@ -166,10 +176,9 @@ class RhythmScorer:
         enough to keep for every generated clip."""
         if not len(mels):
             return np.zeros((0, 3), np.float64)
-        nearest = [self.labels.index(y) for y in self.predict(mels)]
-        period = [periodicity(envelope(np.asarray(m, dtype=np.float64)), self.frame_rate)
-                  for m in mels]  # fmt: skip
-        return np.column_stack([nearest, np.asarray(period)]).astype(np.float64)
+        rows = [analyse(m, self.frame_rate) for m in mels]
+        nearest = self._nearest(np.stack([f for f, _, _ in rows]))
+        return np.column_stack([nearest, [(p, t) for _, p, t in rows]]).astype(np.float64)
 
     def score_rows(self, rows: np.ndarray, labels: Sequence[str]) -> dict[str, float]:
         """`scores` from `describe`'s rows (n, 3) and each mel's label."""
