@@ -321,6 +321,8 @@ def test_streamed_outputs_equal_one_call_over_the_clips_in_memory(tmp_path, clip
     assert sorted(out.kept) == [0, 70] and out.audio_codec is None
     np.testing.assert_array_equal(out.kept[70][0], frames[70])
     np.testing.assert_array_equal(out.kept[70][1], whole.mels[rows[70]])
+    # Copies: a view of a chunk's row would keep the whole chunk (64 mels) in memory.
+    assert all(a.base is None for pair in out.kept.values() for a in pair)
 
 
 # ------------------------------------------------------------------------ the evaluator itself

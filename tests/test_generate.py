@@ -217,6 +217,47 @@ def test_ray_data_generation_matches_the_generator(repo):
     assert not np.array_equal(ids[3.0], ids[1.0])
 
 
+def test_evaluate_actors_send_back_scores_and_only_the_examples_samples(repo, tmp_path):
+    """evaluate's `EmbedGenerated`: the evaluator's outputs on what `GenerateBatch` made replace
+    the generated mels and frames; only the example rows' samples come back."""
+    import torch
+
+    from pipeline.config import load_params
+    from pipeline.data.extracted import iter_examples
+    from pipeline.evaluation.evaluate import EmbedGenerated
+    from pipeline.evaluation.local import LocalEvaluator
+    from pipeline.inference.generate import GenerateBatch
+
+    labels = sorted({e.label for e in iter_examples(repo / "data/extract", "train")})
+    torch.manual_seed(0)
+    LocalEvaluator(labels, 16, 8).save(tmp_path / "evaluator", {})
+    evaluator = LocalEvaluator.load(tmp_path / "evaluator")
+    cfg = {**load_params(repo / "params.yaml").generate.__dict__, "steps": 2, "device": "cpu"}
+    kwargs = {"transformer_dir": str(repo / "models/transformer"),
+              "tokenizers_dir": str(repo / "models/tokenizers"), "cfg": cfg,
+              "runs": [("image2audio", 3.0), ("audio2image", 1.0)], "vocode": False}  # fmt: skip
+    examples = list(iter_examples(repo / "data/extract", "test"))[:3]
+    batch = {"row": np.array([4, 5, 6]),
+             "image": np.stack([e.frames[len(e.frames) // 2] for e in examples]),
+             "mel": np.stack([e.mel for e in examples])}  # fmt: skip
+    plain = GenerateBatch(**kwargs)(dict(batch))
+    out = EmbedGenerated(str(tmp_path / "evaluator"), [5], **kwargs)(dict(batch))
+    assert not [k for k in out if k.rsplit("/", 1)[-1].startswith("gen_")]
+    for task_name, s, modality, name in (("image2audio", 3.0, "audio", "gen_mel"),
+                                         ("audio2image", 1.0, "image", "gen_image")):  # fmt: skip
+        samples = plain[GenerateBatch.column(task_name, s, name)]
+        want = (evaluator.audio_outputs if modality == "audio" else evaluator.image_outputs)(
+            samples
+        )
+        got = EmbedGenerated.outputs(out, task_name, s, modality)
+        for field in ("embedding", "logits", "joint"):
+            np.testing.assert_allclose(getattr(got, field), getattr(want, field), atol=1e-5)
+        assert (got.rhythm is None) == (want.rhythm is None)
+        kept = EmbedGenerated.examples(out, task_name, s)
+        assert list(kept) == [5]  # row 5, the second of the batch
+        np.testing.assert_array_equal(kept[5][name[4:]], samples[1])
+
+
 # ------------------------------------------------------------ a model taken elsewhere
 
 

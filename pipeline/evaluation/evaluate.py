@@ -4,10 +4,11 @@ Flow: one Ray Data pass for every conditional task and CFG scale s (and one for 
 1. `ray.data.read_parquet` over the extract test shards → `decode_clips` (the middle frame, as
    the condition, and the mel of each clip) → `GenerateBatch` actors (one Generator each, on a
    GPU when `num_gpus_per_actor` > 0; each batch goes through every (task, s) there, so the
-   models load once) → batches streamed back to the driver;
-2. on the driver, the offline evaluator turns each (task, s) of a batch into embeddings, logits
-   and joint-space vectors (kept, small), and the clips picked as examples keep their samples;
-3. scores against the real test clips (`scoring`), example WAVs/PNGs and figures.
+   models load once), which also run the offline evaluator on what they generated
+   (`EmbedGenerated`): a batch comes back to the driver as embeddings, logits and joint-space
+   vectors (a few kB a clip), with the samples of the clips picked as examples only;
+2. on the driver, scores against the real test clips (`scoring`), example WAVs/PNGs and
+   figures. (The paper-protocol scorers take the vocoded waves on the driver.)
 
 The driver never holds the test split: before generating, it streams the clips evaluated from
 the shards once (`train_local.read_chunks`), keeping the evaluator's outputs on them (the
@@ -152,6 +153,87 @@ def decode_clips(
     return {k: np.stack(v) for k, v in out.items()}
 
 
+class EmbedGenerated:
+    """Ray Data callable class: a `GenerateBatch` whose samples are scored where they are made.
+    Per (task, s), the evaluator's outputs on the generated mels and/or frames replace them
+    (columns `column(task, s, "audio/embedding")` ...: see `outputs`), and the samples of the
+    rows in `examples_at` come back as `column(task, s, "example")`, an .npz of
+    EXAMPLE_FIELDS (empty bytes for the other rows). The generated waves stay only with
+    `vocode` (the paper-protocol scorers). So the driver receives a few kB per clip instead of a
+    generated mel (271 kB) that it would score and drop."""
+
+    FIELDS = ("embedding", "logits", "joint", "rhythm")
+    EXAMPLE_FIELDS = ("mel", "image", "audio_ids", "image_ids")
+
+    def __init__(self, evaluator_dir: str, examples_at: list[int], **generate: Any) -> None:
+        from pipeline.inference.generate import GenerateBatch
+
+        self.generate = GenerateBatch(**generate)
+        self.evaluator = LocalEvaluator.load(evaluator_dir, self.generate.generator.device)
+        self.examples_at = {int(r) for r in examples_at}
+
+    @staticmethod
+    def column(task_name: str, guidance: float, name: str) -> str:
+        from pipeline.inference.generate import GenerateBatch
+
+        return GenerateBatch.column(task_name, guidance, name)
+
+    @classmethod
+    def outputs(
+        cls, batch: dict[str, np.ndarray], task_name: str, guidance: float, modality: str
+    ) -> Outputs:
+        """The evaluator's outputs on one run's `modality` ("audio"/"image") samples of a
+        returned batch, copied out of it (a column is a view that keeps the batch alive)."""
+        parts = {f: batch.get(cls.column(task_name, guidance, f"{modality}/{f}"))
+                 for f in cls.FIELDS}  # fmt: skip
+        return Outputs(**{f: None if v is None else np.array(v) for f, v in parts.items()})
+
+    @classmethod
+    def examples(
+        cls, batch: dict[str, np.ndarray], task_name: str, guidance: float
+    ) -> dict[int, dict[str, np.ndarray]]:
+        """The samples of the example rows of one run in a returned batch, by row."""
+        import io as _stdio
+
+        out = {}
+        blobs = batch[cls.column(task_name, guidance, "example")]
+        for row, blob in zip(batch["row"], blobs, strict=True):
+            if len(blob):
+                with np.load(_stdio.BytesIO(blob), allow_pickle=False) as npz:
+                    out[int(row)] = {name: npz[name] for name in cls.EXAMPLE_FIELDS}
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import io as _stdio
+
+        out = self.generate(batch)
+        rows = out["row"]
+        for task_name, s in self.generate.runs:
+            col = {name: out.pop(self.column(task_name, s, f"gen_{name}"))
+                   for name in self.EXAMPLE_FIELDS}  # fmt: skip
+            if not self.generate.vocode:
+                out.pop(self.column(task_name, s, "gen_wave"))
+            scored = {}
+            if task_name != "audio2image":
+                scored["audio"] = self.evaluator.audio_outputs(col["mel"])
+            if task_name != "image2audio":
+                scored["image"] = self.evaluator.image_outputs(col["image"])
+            for modality, outputs in scored.items():
+                for f in self.FIELDS:
+                    if getattr(outputs, f) is not None:
+                        out[self.column(task_name, s, f"{modality}/{f}")] = getattr(outputs, f)
+            blobs = []
+            for i, row in enumerate(rows):
+                blob = b""
+                if int(row) in self.examples_at:
+                    buf = _stdio.BytesIO()
+                    np.savez(buf, **{name: col[name][i] for name in self.EXAMPLE_FIELDS})
+                    blob = buf.getvalue()
+                blobs.append(blob)
+            out[self.column(task_name, s, "example")] = np.array(blobs, dtype=object)
+        return out
+
+
 @dataclass
 class Generated:
     """What the driver keeps of a (task, s) run: evaluator outputs for every row (in row order)
@@ -194,18 +276,18 @@ def generate_and_embed(
     tokenizers_dir: Path,
     gen_cfg: GenerateConfig,
     cfg: EvaluateConfig,
-    evaluator: LocalEvaluator,
+    evaluator_dir: Path,
     seed: int,
     examples_at: set[int],
     count: int = 0,
     official: dict[tuple[str, str], OfficialMetrics] | None = None,
 ) -> dict[tuple[str, str], Generated]:
     """Run every (task, key, s) of `runs` in one Ray Data pass and keep what scoring needs, by
-    (task, key). Co-generation (`count` pairs, no input) runs alone. `official` maps an
-    image→audio (task, key) to its paper-protocol scorer: its clips are vocoded and fed to it."""
+    (task, key): the outputs of the evaluator at `evaluator_dir`, run by the generation actors,
+    and the samples of the rows in `examples_at`. Co-generation (`count` pairs, no input) runs
+    alone. `official` maps an image→audio (task, key) to its paper-protocol scorer: its clips
+    are vocoded and fed to it."""
     import ray
-
-    from pipeline.inference.generate import GenerateBatch
 
     if len(runs) > 1 and any(t == "cogenerate" for t, _, _ in runs):
         raise ValueError("co-generation takes no input: it runs in a pass of its own")
@@ -233,8 +315,10 @@ def generate_and_embed(
             )
         )
     ds = ds.map_batches(
-        GenerateBatch,
+        EmbedGenerated,
         fn_constructor_kwargs={
+            "evaluator_dir": str(evaluator_dir),
+            "examples_at": sorted(examples_at),
             "transformer_dir": str(transformer_dir),
             "tokenizers_dir": str(tokenizers_dir),
             "cfg": as_dict(gen_cfg),
@@ -258,29 +342,22 @@ def generate_and_embed(
     for batch in ds.iter_batches(batch_size=gen_cfg.batch_size, batch_format="numpy"):
         bar.update(len(batch["row"]))
         for task_name, key, s in runs:
-            col = {name: batch[GenerateBatch.column(task_name, s, name)]
-                   for name in GenerateBatch.OUTPUTS}  # fmt: skip
             part = parts[(task_name, key)]
             # Copies: a column of a batch Ray hands back is a view that keeps the whole batch's
-            # buffers alive (every generated mel of every batch, until the end).
+            # buffers alive (until the end).
             part.rows.append(np.array(batch["row"]))
-            part.seconds += float(col["seconds"].sum())
+            part.seconds += float(batch[EmbedGenerated.column(task_name, s, "seconds")].sum())
             if official and (task_name, key) in official:
-                for wave, image, row in zip(col["gen_wave"], batch["image"], batch["row"],
-                                            strict=True):  # fmt: skip
+                waves = batch[EmbedGenerated.column(task_name, s, "gen_wave")]
+                for wave, image, row in zip(waves, batch["image"], batch["row"], strict=True):
                     official[(task_name, key)].add_generated(
                         wave, sample_rate, image, test.clip_ids[int(row)]
                     )
             if task_name != "audio2image":
-                part.audio.append(evaluator.audio_outputs(col["gen_mel"]))
+                part.audio.append(EmbedGenerated.outputs(batch, task_name, s, "audio"))
             if task_name != "image2audio":
-                part.image.append(evaluator.image_outputs(col["gen_image"]))
-            for i, row in enumerate(batch["row"]):
-                if int(row) in examples_at:
-                    part.examples[int(row)] = {
-                        name: np.array(col[f"gen_{name}"][i])
-                        for name in ("mel", "image", "audio_ids", "image_ids")
-                    }
+                part.image.append(EmbedGenerated.outputs(batch, task_name, s, "image"))
+            part.examples |= EmbedGenerated.examples(batch, task_name, s)
     bar.close()
     return {name: part.finish() for name, part in parts.items()}
 
@@ -461,7 +538,8 @@ def run_evaluate(
                 cogenerate = runs[0][0] == "cogenerate"
                 generated[repeat] |= generate_and_embed(
                     runs, test, extract_dir, Path(paths.transformer), tokenizers_dir, gen_cfg,
-                    cfg, evaluator, run_seed, cogenerated if cogenerate else examples_at,
+                    cfg, Path(paths.evaluator), run_seed,
+                    cogenerated if cogenerate else examples_at,
                     count=cfg.cogenerate_samples, official=None if cogenerate else scorers[repeat],
                 )  # fmt: skip
     examples: dict[str, dict[str, Generated]] = {}

@@ -189,7 +189,9 @@ def split_outputs(
             parts["image_codec"].append(
                 model.image_outputs(reconstruct(tokenizers["image"], c.frames))
             )
-        kept |= {row: (c.frames[i], c.mels[i]) for i, row in enumerate(c.rows) if row in keep}
+        # Copies: a row of a chunk is a view that would keep the whole chunk (64 mels) alive.
+        kept |= {row: (c.frames[i].copy(), c.mels[i].copy())
+                 for i, row in enumerate(c.rows) if row in keep}  # fmt: skip
     joined = {k: Outputs.cat(v) if v else None for k, v in parts.items()}
     return SplitOutputs(ids, labels, **joined, kept=kept)
 
