@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from pipeline import io
 from pipeline.errors import PipelineError
 
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
@@ -286,7 +287,7 @@ def apply_results(line: str, repo: str | Path) -> list[str]:
     written = []
     with tempfile.TemporaryDirectory(prefix="ve-results-", dir=repo) as tmp:
         with tarfile.open(fileobj=_io.BytesIO(data), mode="r:gz") as tar:
-            tar.extractall(tmp, filter="data")  # refuses absolute paths, '..' and devices
+            io.extract_tar(tar, Path(tmp))  # refuses absolute paths, '..', links and devices
         for name in result_paths(repo):
             src, dst = Path(tmp) / name, repo / name
             if not src.exists():

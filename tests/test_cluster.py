@@ -167,7 +167,11 @@ def test_log_printer_keeps_the_results_line_back():
     assert printer.seen == len("a\nb\n" + submit.RESULTS_MARKER + "QUJD\nc\nd")
 
 
-def test_results_round_trip_replaces_lock_and_reports(tmp_path, capsys):
+@pytest.mark.parametrize("data_filter", [True, False], ids=["filter", "python-3.11.2"])
+def test_results_round_trip_replaces_lock_and_reports(tmp_path, capsys, monkeypatch, data_filter):
+    """Also on a Python without tarfile's data filter (Debian 12's 3.11.2): the same refusals."""
+    if not data_filter:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
     job, local = tmp_path / "job", tmp_path / "local"
     _repo(job)
     _repo(local)
@@ -183,14 +187,17 @@ def test_results_round_trip_replaces_lock_and_reports(tmp_path, capsys):
     assert (local / "dvc.lock").read_text() == "schema: '2.0'\n"
     assert (local / "reports/train/metrics.json").is_file()
     assert not (local / "reports/old").exists() and (local / "keep.txt").is_file()
-    evil = io.BytesIO()
-    with tarfile.open(fileobj=evil, mode="w:gz") as tar:
-        info = tarfile.TarInfo("../escape")
-        tar.addfile(info, io.BytesIO(b""))
-    with pytest.raises(tarfile.TarError):
-        submit.apply_results(submit.RESULTS_MARKER + base64.b64encode(evil.getvalue()).decode(),
-                             local)  # fmt: skip
-    assert not (tmp_path / "escape").exists()
+    for name, kind in (("../escape", tarfile.REGTYPE), ("reports/link", tarfile.SYMTYPE)):
+        evil = io.BytesIO()
+        with tarfile.open(fileobj=evil, mode="w:gz") as tar:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "/etc/passwd"
+            tar.addfile(info, io.BytesIO(b""))
+        with pytest.raises(tarfile.TarError):
+            submit.apply_results(
+                submit.RESULTS_MARKER + base64.b64encode(evil.getvalue()).decode(), local
+            )
+    assert not (tmp_path / "escape").exists() and not (local / "reports/link").exists()
 
 
 def test_submit_is_a_subcommand_with_repro_options():

@@ -158,10 +158,7 @@ def _extract(archive: Path, staging: Path, w: Weight) -> None:
             members = tar.getmembers()
             for member in members:
                 _check_member(member, w.folder, w.archive)
-            # The data filter (Python >= 3.10.12 / 3.11.4) repeats those checks and drops
-            # permission bits and owners from the file.
-            kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tar.extractall(staging, members=members, **kwargs)
+            io.extract_tar(tar, staging)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
         raise WeightsError(f"{w.archive}: not a readable tar archive ({err})") from None
     if not (staging / w.file).is_file():
