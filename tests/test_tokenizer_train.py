@@ -138,6 +138,28 @@ def test_trained_mel_tokenizer_beats_its_initialisation(data, tmp_path):
     assert result.tokenizer.meta["source"] == "trained" and result.tokenizer.meta["steps"] == 40
 
 
+def test_the_mel_report_scores_the_rhythm_of_real_mels_and_of_reconstructions(data, tmp_path):
+    from pipeline.data.extracted import iter_examples, load_meta
+    from pipeline.metrics.rhythm import RhythmScorer
+
+    scores = evaluate_tokenizer(
+        untrained("audio", config(MEL_ARCH), MEL, seed=0), data, report_dir=tmp_path
+    )
+    # The real mels' figures are those of a scorer fit here on every train mel (2 per label).
+    mel = load_meta(data)["mel"]
+    train = list(iter_examples(data, "train"))
+    scorer = RhythmScorer.fit([e.mel for e in train], [e.label for e in train],
+                              mel["sample_rate"] / mel["hop_length"])  # fmt: skip
+    test = list(iter_examples(data, "test"))
+    real = scorer.scores([e.mel for e in test], [e.label for e in test])
+    assert scores["acc_rhythm"] == pytest.approx(real["acc_rhythm"])
+    assert scores["period_err"] == pytest.approx(real["period_err"])
+    # An untrained codec gives back a near-constant mel: no time structure left. (These 1.5-s
+    # mels are too short for a period: period_err is 0 for both.)
+    assert scores["acc_rhythm_codec"] < scores["acc_rhythm"], scores
+    assert "period_err_codec" in scores
+
+
 def test_a_mel_tokenizer_trained_on_windows_encodes_whole_mels(data, tmp_path, monkeypatch):
     seen = []
     step = VQGANTrainer.step

@@ -110,6 +110,18 @@ def read_labels(out_dir: Path, split: str) -> list[str]:
             .column("label").to_pylist()]  # fmt: skip
 
 
+def capped_rows(labels: list[str], per_label: int) -> list[int]:
+    """Indices of the first `per_label` rows of each label (every row when 0), in order."""
+    seen: dict[str, int] = {}
+    rows = []
+    for i, label in enumerate(labels):
+        if per_label and seen.get(label, 0) >= per_label:
+            continue
+        seen[label] = seen.get(label, 0) + 1
+        rows.append(i)
+    return rows
+
+
 def iter_examples(out_dir: Path, split: str) -> Iterator[Example]:
     """Every row of `split` in clip_id order as `Example` (frames uint8, mel float32)."""
     for _, example in iter_selected(out_dir, split):

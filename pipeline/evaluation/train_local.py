@@ -28,7 +28,13 @@ from tqdm import tqdm
 
 from pipeline import io
 from pipeline.config import EvaluatorConfig
-from pipeline.data.extracted import iter_selected, load_meta, read_labels, split_size
+from pipeline.data.extracted import (
+    capped_rows,
+    iter_selected,
+    load_meta,
+    read_labels,
+    split_size,
+)
 from pipeline.data.token_dataset import eval_frame
 from pipeline.devices import available_memory, resolve_device
 from pipeline.errors import PipelineError
@@ -53,18 +59,6 @@ class Clips:
 
     def __len__(self) -> int:
         return len(self.clip_ids)
-
-
-def capped_rows(labels: list[str], per_label: int) -> list[int]:
-    """Indices of the first `per_label` rows of each label (every row when 0), in order."""
-    seen: dict[str, int] = {}
-    rows = []
-    for i, label in enumerate(labels):
-        if per_label and seen.get(label, 0) >= per_label:
-            continue
-        seen[label] = seen.get(label, 0) + 1
-        rows.append(i)
-    return rows
 
 
 def load_clips(

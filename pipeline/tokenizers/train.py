@@ -11,7 +11,8 @@ is held in memory (uint8 frames, float16 mels), which suits the demo's hundreds 
 VGGSound's 200k (use `pretrained` there).
 
 `import_pretrained` loads an official checkpoint (taming / SpecVQGAN, `loss.*` keys dropped);
-`evaluate_tokenizer` measures reconstructions and codebook use on the test split and draws them.
+`evaluate_tokenizer` measures reconstructions and codebook use on the test split and draws them;
+for mels also how much time structure the reconstructions keep (`pipeline.metrics.rhythm`).
 Everything is deterministic for a given seed on CPU; on CUDA the caller picks the device and
 bf16 autocast is used where the GPU supports it (the quantiser always runs in fp32).
 """
@@ -34,8 +35,15 @@ from tqdm import tqdm
 from pipeline import checkpoint
 from pipeline.config import ModalityTokenizerConfig, VQGANTrain
 from pipeline.data import audio
-from pipeline.data.extracted import iter_examples, load_meta
+from pipeline.data.extracted import (
+    capped_rows,
+    iter_examples,
+    iter_selected,
+    load_meta,
+    read_labels,
+)
 from pipeline.errors import PipelineError
+from pipeline.metrics.rhythm import RhythmScorer
 from pipeline.tokenizers.discriminator import (
     NLayerDiscriminator,
     adaptive_weight,
@@ -57,6 +65,7 @@ KMEANS_MAX_BATCHES = 16
 KMEANS_MAX_POINTS = 65536
 RESTART_NOISE = 0.01  # restarted codes: a recent latent + this x the latents' std x N(0, 1)
 EVAL_BATCH = 32
+RHYTHM_PER_LABEL = 64  # train mels per label the mel report's rhythm scorer learns from
 MAX_IN_MEMORY_BYTES = 16 * 2**30  # the train split is held in memory (uint8 frames, f16 mels)
 # taming's PatchGAN width is 64; a narrower VQGAN (CPU demos) gets a discriminator as narrow as
 # its first level, which keeps the adversarial phase from costing more than the autoencoder.
@@ -626,10 +635,11 @@ def _describe_arch(cfg: ModalityTokenizerConfig) -> str:
 
 
 class _Item(NamedTuple):
-    """Where an evaluated item comes from: the clip's position in the split and its id."""
+    """Where an evaluated item comes from: the clip's position in the split, its id and label."""
 
     clip: int
     clip_id: str
+    label: str
 
 
 def _eval_batches(
@@ -644,7 +654,7 @@ def _eval_batches(
             break
         new = list(ex.frames) if kind == "image" else [ex.mel]
         items.extend(new)
-        origin.extend([_Item(index, ex.clip_id)] * len(new))
+        origin.extend([_Item(index, ex.clip_id, ex.label)] * len(new))
         while len(items) >= EVAL_BATCH:
             yield np.stack(items[:EVAL_BATCH]), origin[:EVAL_BATCH]
             items, origin = items[EVAL_BATCH:], origin[EVAL_BATCH:]
@@ -682,6 +692,41 @@ class _Scores:
         return out
 
 
+def fit_rhythm(extract_dir: Path, per_label: int = RHYTHM_PER_LABEL) -> RhythmScorer | None:
+    """A rhythm scorer fit on the first `per_label` train mels of each label (read one at a
+    time); None when there is no train split."""
+    labels = read_labels(extract_dir, "train")
+    rows = capped_rows(labels, per_label)
+    if not rows:
+        return None
+    mel = load_meta(extract_dir)["mel"]
+    mels = (ex.mel for _, ex in iter_selected(extract_dir, "train", rows, frame=0))
+    return RhythmScorer.fit(mels, [labels[r] for r in rows], mel["sample_rate"] / mel["hop_length"])
+
+
+class _Rhythm:
+    """The rhythm scorer's rows (`describe`) of the real mels and of their reconstructions."""
+
+    def __init__(self, scorer: RhythmScorer) -> None:
+        self.scorer = scorer
+        self.rows: dict[str, list[np.ndarray]] = {"real": [], "codec": []}
+        self.labels: list[str] = []
+
+    def add(self, batch: np.ndarray, recon: np.ndarray, origin: list[_Item]) -> None:
+        self.rows["real"].append(self.scorer.describe(batch))
+        self.rows["codec"].append(self.scorer.describe(recon))
+        self.labels += [item.label for item in origin]
+
+    def metrics(self) -> dict[str, float]:
+        """acc_rhythm / period_err of the real mels, the same with `_codec` of the
+        reconstructions (the names of the evaluator's held-out report)."""
+        out = {}
+        for which, suffix in (("real", ""), ("codec", "_codec")):
+            scores = self.scorer.score_rows(np.concatenate(self.rows[which]), self.labels)
+            out |= {f"{k}{suffix}": v for k, v in scores.items()}
+        return out
+
+
 def evaluate_tokenizer(
     tok: Tokenizer,
     extract_dir: Path,
@@ -695,7 +740,10 @@ def evaluate_tokenizer(
     split).
 
     Images (every frame of every clip): `psnr`, the mean per-frame PSNR in dB on uint8 [0, 255].
-    Mels: `mel_l1` and `mel_l2` (mean absolute / squared error on the [0, 1] scale).
+    Mels: `mel_l1` and `mel_l2` (mean absolute / squared error on the [0, 1] scale), and the
+    rhythm score (`pipeline.metrics.rhythm`, fit by `fit_rhythm` on the train split) of the real
+    mels and of their reconstructions: `acc_rhythm`, `period_err`, `acc_rhythm_codec`,
+    `period_err_codec` (none without a train split).
     Both: `codebook_usage`, the fraction of the C codes used over the set, in (0, 1];
     `perplexity`, exp(entropy) of the code histogram, in [1, C]; `examples`, items evaluated.
     Raises PipelineError when the split is empty.
@@ -707,10 +755,14 @@ def evaluate_tokenizer(
     shown = set(np.linspace(0, max(total - 1, 0), 8 if image else 3).round().astype(int).tolist())
     pairs: dict[_Item, tuple[np.ndarray, np.ndarray]] = {}
     scores = _Scores(tok.spec.kind, tok.model.config.n_embed)
+    scorer = None if image else fit_rhythm(extract_dir)
+    rhythm = None if scorer is None else _Rhythm(scorer)
     for batch, origin in _eval_batches(extract_dir, split, tok.spec.kind, max_examples):
         ids = tok.encode(batch)
         recon = tok.decode(ids)
         scores.add(batch, ids, recon)
+        if rhythm is not None:
+            rhythm.add(batch, recon, origin)
         for j, item in enumerate(origin):
             if item.clip in shown and item not in pairs:  # the first frame of a shown clip
                 pairs[item] = (batch[j], recon[j])
@@ -718,7 +770,7 @@ def evaluate_tokenizer(
         raise PipelineError(
             f"{extract_dir} has no {split} clips to evaluate the {tok.modality} tokenizer on"
         )
-    metrics = scores.metrics()
+    metrics = scores.metrics() | (rhythm.metrics() if rhythm is not None else {})
     shown_items = sorted(pairs)
     path = Path(report_dir) / "reconstructions.png"
     if image:
