@@ -437,7 +437,8 @@ def test_evaluate_writes_pictures_and_returns_metrics_in_range(data, trained_ima
 def test_evaluate_mels_and_shape_mismatch(data, tmp_path):
     tok = untrained("audio", config(MEL_ARCH), MEL, seed=0)
     metrics = evaluate_tokenizer(tok, data, report_dir=tmp_path)
-    assert set(metrics) == {"mel_l1", "mel_l2", "codebook_usage", "perplexity", "examples"}
+    assert set(metrics) == {"mel_l1", "mel_l2", "codebook_usage", "perplexity", "examples",
+                            "acc_rhythm", "period_err", "acc_rhythm_codec", "period_err_codec"}  # fmt: skip
     assert 0 < metrics["mel_l2"] <= metrics["mel_l1"] <= 1
     assert (tmp_path / "reconstructions.png").stat().st_size > 1000
     with pytest.raises(PipelineError, match="80x128"):
