@@ -165,18 +165,28 @@ def inside(root: str | Path, path: str | Path) -> Path:
     return resolved
 
 
+def tar_member_problem(member: tarfile.TarInfo) -> str | None:
+    """Why `member` of a tar archive may not be unpacked (an absolute path, '..', a link, a
+    device), or None for a plain file or folder that stays inside the folder unpacked into."""
+    path = PurePosixPath(member.name)
+    if path.is_absolute() or ".." in path.parts:
+        return "would be written outside the folder it is unpacked into"
+    if member.issym() or member.islnk():
+        return "is a link"
+    if not (member.isfile() or member.isdir()):
+        return "is not a plain file or folder"
+    return None
+
+
 def extract_tar(tar: tarfile.TarFile, dest: Path) -> None:
-    """Unpack `tar` into `dest`; a member that is not a plain file or folder inside `dest` (an
-    absolute path, '..', a link, a device) is refused with tarfile.TarError before anything is
-    written. The check is ours, so that a Python without tarfile's data filter (Debian 12's
-    3.11.2; it came with 3.11.4) refuses the same; where the filter exists it runs as well and
-    also drops permission bits and owners."""
+    """Unpack `tar` into `dest`; a member with a `tar_member_problem` is refused with
+    tarfile.TarError before anything is written. The check is ours, so that a Python without
+    tarfile's data filter (Debian 12's 3.11.2; it came with 3.11.4) refuses the same; where the
+    filter exists it runs as well and also drops permission bits and owners."""
     members = tar.getmembers()
     for member in members:
-        path = PurePosixPath(member.name)
-        if path.is_absolute() or ".." in path.parts:
-            raise tarfile.TarError(f"member {member.name!r} would be written outside {dest}")
-        if not (member.isfile() or member.isdir()):
-            raise tarfile.TarError(f"member {member.name!r} is not a plain file or folder")
+        problem = tar_member_problem(member)
+        if problem:
+            raise tarfile.TarError(f"member {member.name!r} {problem}")
     kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
     tar.extractall(dest, members=members, **kwargs)

@@ -24,6 +24,7 @@ under `runs` (the paper averages two runs); examples, figures and per_class.csv 
 
 from __future__ import annotations
 
+import io as _stdio
 import logging
 import shutil
 import time
@@ -193,8 +194,6 @@ class EmbedGenerated:
         cls, batch: dict[str, np.ndarray], task_name: str, guidance: float
     ) -> dict[int, dict[str, np.ndarray]]:
         """The samples of the example rows of one run in a returned batch, by row."""
-        import io as _stdio
-
         out = {}
         blobs = batch[cls.column(task_name, guidance, "example")]
         for row, blob in zip(batch["row"], blobs, strict=True):
@@ -204,8 +203,6 @@ class EmbedGenerated:
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import io as _stdio
-
         out = self.generate(batch)
         rows = out["row"]
         for task_name, s in self.generate.runs:
@@ -686,8 +683,6 @@ def _is_number(v: Any) -> bool:
 
 
 def _save_png(path: Path, image: np.ndarray) -> None:
-    import io as _stdio
-
     from PIL import Image
 
     buf = _stdio.BytesIO()

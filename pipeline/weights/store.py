@@ -141,12 +141,9 @@ def mirror_url(mirror: str, w: Weight) -> str:
 def _check_member(member: tarfile.TarInfo, folder: str, archive: str) -> None:
     path = PurePosixPath(member.name)
     where = f"{archive}: member {member.name!r}"
-    if path.is_absolute() or ".." in path.parts:
-        raise WeightsError(f"{where} would be written outside the weights folder; refused")
-    if member.issym() or member.islnk():
-        raise WeightsError(f"{where} is a link; refused")
-    if not (member.isfile() or member.isdir()):
-        raise WeightsError(f"{where} is not a plain file or folder; refused")
+    problem = io.tar_member_problem(member)
+    if problem:
+        raise WeightsError(f"{where} {problem}; refused")
     if not path.parts or path.parts[0] != folder:
         raise WeightsError(f"{where} lies outside {folder}/; refused")
 
@@ -155,8 +152,7 @@ def _extract(archive: Path, staging: Path, w: Weight) -> None:
     """Unpack `archive` into `staging` after checking every member (see _check_member)."""
     try:
         with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
-            for member in members:
+            for member in tar.getmembers():
                 _check_member(member, w.folder, w.archive)
             io.extract_tar(tar, staging)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
