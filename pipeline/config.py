@@ -306,6 +306,13 @@ class VQGANArch:
     n_embed: int = doc("Codebook size C (official: 1024).")
     dropout: float = doc("Dropout in residual blocks.")
     norm_groups: int = doc("GroupNorm groups (official: 32; fewer allows narrow CPU models).")
+    # A default for code that builds an arch itself; params.yaml must still name it.
+    temporal: bool = doc(
+        "Mels only, not an official layout: a 1-D codec over time whose input channels are the "
+        "mel bands, so each id covers every band of 2^(len(ch_mult) - 1) frames (the demo's, "
+        "docs/experiments.md#a-codec-that-keeps-the-rhythm); official: false.",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         _check(self.norm_groups >= 1, "norm_groups", "must be positive")
@@ -404,6 +411,9 @@ class TokenizersConfig:
     image: ModalityTokenizerConfig = doc("The image VQGAN (paper: taming vqgan_imagenet_f16_1024).")
     audio: ModalityTokenizerConfig = doc("The mel VQGAN (paper: SpecVQGAN vggsound_codebook).")
     vocoder: VocoderConfig = doc("Mel -> waveform.")
+
+    def __post_init__(self) -> None:
+        _check(not self.image.arch.temporal, "image.arch.temporal", "is for mels: must be false")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -122,6 +123,32 @@ def test_round_trip_shapes_range_and_determinism():
     z = model.encode_latent(x).permute(0, 2, 3, 1).reshape(-1, 4)
     brute = torch.cdist(z, model.quantize.embedding.weight).argmin(1)
     assert torch.equal(ids.reshape(-1), brute)
+
+
+def test_temporal_codec_downsamples_time_only_with_the_same_module_names():
+    """The demo's rhythm codec: the mel's bands are the input channels, every kernel is 1x3,
+    one id per 2^(levels - 1) frames, and its state dict has the 2-D codec's key names."""
+    cfg = dataclasses.replace(TINY, in_channels=6, out_channels=6, temporal=True)
+    flat = dataclasses.replace(TINY, in_channels=1, out_channels=1)
+    assert cfg.grid(6, 16) == (1, 8) and cfg.sample_channels == 1 and flat.sample_channels == 1
+    with pytest.raises(ValueError, match="6 bands"):
+        cfg.grid(5, 16)
+    with pytest.raises(ValueError, match="downsampling 2"):
+        cfg.grid(6, 15)
+    torch.manual_seed(0)
+    model = VQModel(cfg).eval()
+    sd = model.state_dict()
+    assert sd.keys() == VQModel(flat).state_dict().keys()
+    convs = {k: v.shape for k, v in sd.items() if v.ndim == 4 and v.shape[-1] == 3}
+    assert convs and all(shape[-2] == 1 for shape in convs.values())
+    assert sd["encoder.conv_in.weight"].shape == (8, 6, 1, 3)
+    assert sd["decoder.conv_out.weight"].shape == (6, 8, 1, 3)
+    mel = torch.rand(2, 1, 6, 16) * 2 - 1
+    ids = model.encode(mel)
+    assert ids.shape == (2, 1, 8)
+    assert model.decode(ids).shape == mel.shape
+    # A band's values reach the ids through the channels: swapping two bands changes them.
+    assert not torch.equal(model.encode_latent(mel), model.encode_latent(mel[:, :, [1, 0, 2, 3, 4, 5]]))
 
 
 def test_official_nesting_loads_and_bad_files_are_refused(tmp_path):

@@ -37,9 +37,12 @@ class InputSpec:
 def vqgan_config(arch: VQGANArch, spec: InputSpec) -> VQGANConfig:
     """The VQGANConfig for `arch` on inputs of `spec` (channels and attention width from the input)."""
     channels, height, width = spec.shape
+    if arch.temporal and spec.kind != "mel":
+        raise ValueError("a temporal codec (arch.temporal: true) is for mels, not images")
+    bands = channels * height if arch.temporal else channels  # a temporal codec's input channels
     cfg = VQGANConfig(
-        in_channels=channels,
-        out_channels=channels,
+        in_channels=bands,
+        out_channels=bands,
         ch=arch.ch,
         ch_mult=tuple(arch.ch_mult),
         num_res_blocks=arch.num_res_blocks,
@@ -50,6 +53,7 @@ def vqgan_config(arch: VQGANArch, spec: InputSpec) -> VQGANConfig:
         n_embed=arch.n_embed,
         dropout=arch.dropout,
         norm_groups=arch.norm_groups,
+        temporal=arch.temporal,
     )
     cfg.grid(height, width)  # raises if the input does not divide
     return cfg

@@ -304,7 +304,7 @@ class VQGANTrainer:
         self.opt_d: torch.optim.Optimizer | None = None
         if cfg.disc_start < total_steps:
             ndf = min(DISC_NDF, model.config.ch)
-            self.disc = NLayerDiscriminator(model.config.out_channels, ndf=ndf)
+            self.disc = NLayerDiscriminator(model.config.sample_channels, ndf=ndf)
             self.disc.to(self.device, memory_format=self.memory_format)
             self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
         n_embed = model.config.n_embed

@@ -8,6 +8,11 @@ keys are dropped. Small configs for the CPU demo use the same code.
 Layout: encoder -> quant_conv -> quantize -> post_quant_conv -> decoder. GroupNorm(32), swish,
 single-head attention at the resolutions in `attn_resolutions` (tracked along the last axis, as
 the originals do), no output activation. Inputs and outputs are in [-1, 1].
+
+`temporal=True` is the CPU demo's rhythm codec, not an official layout: the same blocks with
+1x3 kernels over a mel whose bands are the input channels, so only time is downsampled and each
+id stands for every band of 2^(levels - 1) frames (80x848 -> 1x212 ids with three levels). Why:
+docs/experiments.md, "A codec that keeps the rhythm".
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class VQGANConfig:
     n_embed: int = 1024
     dropout: float = 0.0
     norm_groups: int = 32  # GroupNorm groups: 32 in the originals; fewer lets CPU demos go narrow
+    temporal: bool = False  # a 1-D codec over time, in_channels = mel bands (module doc)
 
     def __post_init__(self) -> None:
         g = self.norm_groups
@@ -42,13 +48,25 @@ class VQGANConfig:
             raise ValueError(f"every VQGAN channel count must be a multiple of norm_groups ({g})")
 
     @property
+    def sample_channels(self) -> int:
+        """Channels of the inputs and reconstructions (a temporal codec's mel has one)."""
+        return 1 if self.temporal else self.out_channels
+
+    @property
     def downsampling(self) -> int:
         """Spatial reduction factor: 2 per level after the first."""
         return 2 ** (len(self.ch_mult) - 1)
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
-        """Token grid for an input of `height` x `width`."""
+        """Token grid for an input of `height` x `width` (a temporal codec's height is its bands)."""
         f = self.downsampling
+        if self.temporal:
+            if height != self.in_channels or width % f:
+                raise ValueError(
+                    f"input {height}x{width} does not suit a temporal codec of {self.in_channels} "
+                    f"bands and downsampling {f}"
+                )
+            return 1, width // f
         if height % f or width % f:
             raise ValueError(f"input {height}x{width} is not divisible by the downsampling {f}")
         return height // f, width // f
@@ -70,14 +88,23 @@ def _swish(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)
 
 
+def _conv3(in_channels: int, out_channels: int, temporal: bool) -> nn.Conv2d:
+    """A 3x3 convolution keeping the size (1x3 along time for a temporal codec)."""
+    if temporal:
+        return nn.Conv2d(in_channels, out_channels, (1, 3), padding=(0, 1))
+    return nn.Conv2d(in_channels, out_channels, 3, padding=1)
+
+
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, dropout: float, groups: int) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, dropout: float, groups: int, temporal: bool
+    ) -> None:
         super().__init__()
         self.norm1 = _norm(in_channels, groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = _conv3(in_channels, out_channels, temporal)
         self.norm2 = _norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = _conv3(out_channels, out_channels, temporal)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
@@ -110,21 +137,25 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, temporal: bool) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.temporal = temporal
+        kernel, stride = ((1, 3), (1, 2)) if temporal else (3, 2)
+        self.conv = nn.Conv2d(channels, channels, kernel, stride=stride, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad, as taming
+        # asymmetric pad, as taming
+        return self.conv(F.pad(x, (0, 1, 0, 0) if self.temporal else (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, temporal: bool) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.scale = (1.0, 2.0) if temporal else (2.0, 2.0)
+        self.conv = _conv3(channels, channels, temporal)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, scale_factor=self.scale, mode="nearest"))
 
 
 class _Level(nn.Module):
@@ -137,11 +168,11 @@ class _Level(nn.Module):
 
 
 class _Mid(nn.Module):
-    def __init__(self, channels: int, dropout: float, groups: int) -> None:
+    def __init__(self, channels: int, dropout: float, groups: int, temporal: bool) -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups, temporal)
         self.attn_1 = AttnBlock(channels, groups)
-        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups, temporal)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -150,8 +181,8 @@ class _Mid(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, cfg: VQGANConfig) -> None:
         super().__init__()
-        g = cfg.norm_groups
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        g, t = cfg.norm_groups, cfg.temporal
+        self.conv_in = _conv3(cfg.in_channels, cfg.ch, t)
         mults = (1, *cfg.ch_mult)
         curr_res = cfg.resolution
         self.down = nn.ModuleList()
@@ -159,17 +190,17 @@ class Encoder(nn.Module):
             stage = _Level()
             block_in = cfg.ch * mults[level]
             for _ in range(cfg.num_res_blocks):
-                stage.block.append(ResnetBlock(block_in, cfg.ch * mult, cfg.dropout, g))
+                stage.block.append(ResnetBlock(block_in, cfg.ch * mult, cfg.dropout, g, t))
                 block_in = cfg.ch * mult
                 if curr_res in cfg.attn_resolutions:
                     stage.attn.append(AttnBlock(block_in, g))
             if level != len(cfg.ch_mult) - 1:
-                stage.downsample = Downsample(block_in)
+                stage.downsample = Downsample(block_in, t)
                 curr_res //= 2
             self.down.append(stage)
-        self.mid = _Mid(block_in, cfg.dropout, g)
+        self.mid = _Mid(block_in, cfg.dropout, g, t)
         self.norm_out = _norm(block_in, g)
-        self.conv_out = nn.Conv2d(block_in, cfg.z_channels, 3, padding=1)
+        self.conv_out = _conv3(block_in, cfg.z_channels, t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -187,27 +218,27 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: VQGANConfig) -> None:
         super().__init__()
-        g = cfg.norm_groups
+        g, t = cfg.norm_groups, cfg.temporal
         block_in = cfg.ch * cfg.ch_mult[-1]
         curr_res = cfg.resolution // cfg.downsampling
-        self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
-        self.mid = _Mid(block_in, cfg.dropout, g)
+        self.conv_in = _conv3(cfg.z_channels, block_in, t)
+        self.mid = _Mid(block_in, cfg.dropout, g, t)
         levels: list[_Level] = []
         for level in reversed(range(len(cfg.ch_mult))):
             stage = _Level()
             block_out = cfg.ch * cfg.ch_mult[level]
             for _ in range(cfg.num_res_blocks + 1):
-                stage.block.append(ResnetBlock(block_in, block_out, cfg.dropout, g))
+                stage.block.append(ResnetBlock(block_in, block_out, cfg.dropout, g, t))
                 block_in = block_out
                 if curr_res in cfg.attn_resolutions:
                     stage.attn.append(AttnBlock(block_in, g))
             if level != 0:
-                stage.upsample = Upsample(block_in)
+                stage.upsample = Upsample(block_in, t)
                 curr_res *= 2
             levels.insert(0, stage)
         self.up = nn.ModuleList(levels)  # up[0] is the finest level, as in the checkpoints
         self.norm_out = _norm(block_in, g)
-        self.conv_out = nn.Conv2d(block_in, cfg.out_channels, 3, padding=1)
+        self.conv_out = _conv3(block_in, cfg.out_channels, t)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
@@ -265,6 +296,8 @@ class VQModel(nn.Module):
 
     def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) in [-1, 1] -> pre-quantisation latent (B, D, h, w)."""
+        if self.config.temporal:  # (B, 1, bands, T) -> bands as channels (B, bands, 1, T)
+            x = x.reshape(x.shape[0], -1, 1, x.shape[-1])
         return self.quant_conv(self.encoder(x))
 
     @torch.no_grad()
@@ -273,7 +306,10 @@ class VQModel(nn.Module):
         return self.quantize.indices(self.encode_latent(x))
 
     def decode_latent(self, z_q: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z_q))
+        out = self.decoder(self.post_quant_conv(z_q))
+        if self.config.temporal:  # (B, bands, 1, T) -> a mel (B, 1, bands, T)
+            out = out.reshape(out.shape[0], 1, -1, out.shape[-1])
+        return out
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
