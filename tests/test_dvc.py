@@ -14,6 +14,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import UPSTREAM_STAGES, copy_repo, run_in
@@ -269,6 +270,30 @@ def test_bench_accuracy_spread_reproduces_evaluate_at_seed_0(tiny_repo):
     assert re.search(r"s=3: acc_local mean [\d.]+%, sd [\d.]+% over 2 seeds", out)
     labels = json.loads((tiny_repo / "models/evaluator/config.json").read_text())["labels"]
     assert all(re.search(rf"^ +{re.escape(label[:40])} +\d+%$", out, re.M) for label in labels)
+
+
+def test_bench_rhythm_resolution_scores_real_mels_as_the_tokenizers_report_does(tiny_repo):
+    """bench/rhythm_resolution.py: its real row is the tokenizers' report's rhythm of the real
+    test mels (same scorer, same mels); block averages keep each block's mean."""
+    script = ROOT / "bench" / "rhythm_resolution.py"
+    out = _run(tiny_repo, "python", str(script), "--factors", "2", "16")
+    report = json.loads((tiny_repo / "reports/tokenizers/metrics.json").read_text())
+    assert re.search(
+        rf"^ +real: acc_rhythm {report['audio_acc_rhythm']:.1%}, period_err "
+        rf"{report['audio_period_err']:.3f}", out, re.M,
+    ), out  # fmt: skip
+    for name in ("frames / 2", "frames / 16", "bands / 2", "bands / 16"):
+        assert re.search(rf"^ *{name}: acc_rhythm [\d.]+%, period_err [\d.]+; per label", out, re.M)
+    spec = importlib.util.spec_from_file_location("rhythm_resolution", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    mels = np.random.default_rng(0).random((2, 6, 10))
+    frames = module.block_average(mels, 4, axis=2)  # blocks 0-3, 4-7 and the short 8-9
+    assert frames.shape == mels.shape
+    assert np.allclose(frames[..., 5], mels[..., 4:8].mean(-1))
+    assert np.allclose(frames[..., 9], mels[..., 8:].mean(-1))
+    assert np.allclose(module.block_average(mels, 3, axis=1)[:, 4], mels[:, 3:].mean(1))
+    assert np.array_equal(module.block_average(mels, 1, axis=2), mels)
 
 
 def test_bench_memory_evaluate_does_not_grow_with_the_test_split(tiny_repo):

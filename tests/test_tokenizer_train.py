@@ -175,6 +175,29 @@ def test_a_mel_tokenizer_trained_on_windows_encodes_whole_mels(data, tmp_path, m
     assert result.tokenizer.grid == (5, 8)
 
 
+def test_a_temporal_mel_tokenizer_trains_on_windows_saves_and_loads_with_a_time_only_grid(
+    data, tmp_path
+):
+    arch = dataclasses.replace(MEL_ARCH, ch=16, ch_mult=(1, 1, 1), temporal=True)
+    cfg = config(arch, disc_start=30, crop=(80, 64))  # the discriminator's last 10 steps too
+    before = evaluate_tokenizer(untrained("audio", cfg, MEL, seed=0), data, report_dir=tmp_path)
+    result = train_tokenizer("audio", cfg, MEL, data, device=CPU, seed=0, report_dir=tmp_path)
+    tok = result.tokenizer
+    after = evaluate_tokenizer(tok, data, report_dir=tmp_path)
+    assert after["mel_l1"] < 0.16 < before["mel_l1"], (before, after)
+    assert tok.grid == (1, 32) and tok.layout().length == 32  # 128 frames / 4
+    assert "g_loss" in result.history[-1], result.history[-1]
+    tok.save(tmp_path / "audio")
+    again = Tokenizer.load(tmp_path / "audio")
+    assert again.model.config.temporal and again.grid == (1, 32)
+    mels = load_split(data, "test", MEL)
+    assert np.array_equal(again.encode(mels), tok.encode(mels))
+    with pytest.raises(PipelineError, match="all 80 mel bands"):
+        check_crop((40, 64), MEL, 4, temporal=True)
+    with pytest.raises(ValueError, match="for mels"):
+        build_model(config(dataclasses.replace(IMAGE_ARCH, temporal=True)), IMAGE)
+
+
 def test_random_crops_are_windows_of_each_example():
     x = torch.arange(4 * 2 * 6 * 10, dtype=torch.float32).reshape(4, 2, 6, 10)
     out = random_crops(x, (2, 4), torch.Generator().manual_seed(0))

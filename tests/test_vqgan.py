@@ -148,7 +148,9 @@ def test_temporal_codec_downsamples_time_only_with_the_same_module_names():
     assert ids.shape == (2, 1, 8)
     assert model.decode(ids).shape == mel.shape
     # A band's values reach the ids through the channels: swapping two bands changes them.
-    assert not torch.equal(model.encode_latent(mel), model.encode_latent(mel[:, :, [1, 0, 2, 3, 4, 5]]))
+    assert not torch.equal(
+        model.encode_latent(mel), model.encode_latent(mel[:, :, [1, 0, 2, 3, 4, 5]])
+    )
 
 
 def test_official_nesting_loads_and_bad_files_are_refused(tmp_path):

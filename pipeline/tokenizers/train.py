@@ -159,17 +159,24 @@ class BatchSampler:
         return random_crops(tokenizer.preprocess(self.next()), self.crop, self.generator)
 
 
-def check_crop(crop: tuple[int, ...], spec: InputSpec, factor: int) -> tuple[int, int] | None:
+def check_crop(
+    crop: tuple[int, ...], spec: InputSpec, factor: int, temporal: bool = False
+) -> tuple[int, int] | None:
     """The training window (h, w) of `crop`, or None for whole inputs ([] or the input's size).
 
     Raises PipelineError when the window is larger than the input or a side does not divide by
-    the VQGAN's downsampling `factor`.
+    the VQGAN's downsampling `factor` (a temporal codec's window keeps every band: h = H).
     """
     full = tuple(spec.shape[1:])
     if not crop or tuple(crop) == full:
         return None
     h, w = crop
-    if h > full[0] or w > full[1] or h % factor or w % factor:
+    if temporal and h != full[0]:
+        raise PipelineError(
+            f"tokenizers crop {h}x{w}: a temporal codec's window keeps all {full[0]} mel bands "
+            f"(crop [{full[0]}, frames])"
+        )
+    if h > full[0] or w > full[1] or (h % factor and not temporal) or w % factor:
         raise PipelineError(
             f"tokenizers crop {h}x{w} does not fit the {spec.kind} input {full[0]}x{full[1]}: "
             f"it must be no larger and both sides must divide by the downsampling factor {factor}"
@@ -510,7 +517,9 @@ def train_tokenizer(
     start = time.monotonic()
     device = torch.device(device)
     train = cfg.train
-    crop = check_crop(train.crop, spec, vqgan_config(cfg.arch, spec).downsampling)
+    crop = check_crop(
+        train.crop, spec, vqgan_config(cfg.arch, spec).downsampling, cfg.arch.temporal
+    )
     data = load_split(Path(extract_dir), "train", spec)
     log.info(
         "%s tokenizer: %d train clips in memory (%.1f MB), %d steps of %d %s on %s",
